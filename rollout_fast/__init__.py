@@ -1,0 +1,27 @@
+"""rollout_fast: fast attention rollout for Vision Transformers.
+
+Public API:
+    attention_rollout        the rollout op (reference semantics, fastest available backend)
+    available_backends       which backends this install has
+    AttentionRollout         rollout maps straight from a timm ViT and a batch of images
+    load_teacher             the embedded CIFAR-10 teacher, any timm model, or a local checkpoint
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .ops import attention_rollout, available_backends  # noqa: E402
+
+__all__ = ["attention_rollout", "available_backends", "AttentionRollout", "load_teacher",
+           "__version__"]
+
+
+def __getattr__(name):  # lazy: importing the op must not import timm
+    if name == "AttentionRollout":
+        from .explain import AttentionRollout
+        return AttentionRollout
+    if name == "load_teacher":
+        from .zoo import load_teacher
+        return load_teacher
+    raise AttributeError(f"module 'rollout_fast' has no attribute {name!r}")

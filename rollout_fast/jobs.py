@@ -1,0 +1,186 @@
+"""End-to-end jobs behind the CLI: rollout over image files, teacher evaluation on a folder."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .explain import AttentionRollout
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RolloutJobResult",
+    "class_names_of",
+    "collect_images",
+    "evaluate_folder",
+    "rollout_images",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named in ``inputs`` plus image files (by extension) found recursively in named folders.
+
+    Raises:
+        FileNotFoundError: an input path does not exist.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()
+                                and f.suffix.lower() in IMAGE_EXTENSIONS))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"images: {str(p)!r} does not exist")
+    return files
+
+
+def class_names_of(model: torch.nn.Module) -> list[str] | None:
+    """Class names from the model's pretrained_cfg, or ImageNet-1k's for 1000-class timm models."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("label_names"):
+        return list(cfg["label_names"])
+    if getattr(model, "num_classes", None) == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            return [info.index_to_description(i) for i in range(1000)]
+        except Exception:  # label files missing in an unusual timm install: fall back to indices
+            return None
+    return None
+
+
+@dataclass
+class RolloutJobResult:
+    """What :func:`rollout_images` wrote and skipped."""
+
+    out: Path
+    files: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    npz: Path | None = None
+    grid: Path | None = None
+    overlays: list[Path] = field(default_factory=list)
+
+
+def _load_rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, model: torch.nn.Module,
+                   data_config: dict, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                   batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
+                   overlays: bool = True) -> RolloutJobResult:
+    """Attention rollout over image files; write overlays, ``rollout.npz`` and ``grid.png`` to ``out``.
+
+    Each file is read with PIL (any size and mode, converted to RGB) and passed through timm's eval
+    transform for ``data_config`` (``timm.data.create_transform``). Unreadable files are skipped with a
+    warning naming them.
+
+    Writes:
+        ``out/overlays/NNNNN_<name>.png``: the model input with the rollout heatmap and a colour bar;
+        ``out/rollout.npz``: ``maps`` float32 (num_images, gh, gw), ``files``, ``predicted_class``
+        int64, ``probability`` float32, ``predicted_label``;
+        ``out/grid.png``: rows of input | rollout (first 16 images).
+
+    Raises:
+        ValueError: ``batch_size`` < 1, or no file could be read (nothing is written then).
+    """
+    from timm.data import create_transform
+    from tqdm.auto import tqdm
+
+    from .viz import denormalize, save_grid, save_overlay
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    device = torch.device(device)
+    transform = create_transform(**data_config)
+    explainer = AttentionRollout(model, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    names = class_names_of(model)
+    result = RolloutJobResult(Path(out))
+    maps_all, cls_all, prob_all, shown = [], [], [], []
+
+    def flush(batch, batch_files):
+        x = torch.stack(batch).to(device)
+        maps, logits = explainer.explain(x)
+        probs = logits.float().softmax(-1)
+        p, c = probs.max(-1)
+        maps_np = maps.cpu().numpy()
+        imgs = denormalize(x, data_config["mean"], data_config["std"])
+        for i, f in enumerate(batch_files):
+            idx = len(result.files)
+            label = names[c[i]] if names else str(int(c[i]))
+            if overlays:
+                result.overlays.append(save_overlay(
+                    imgs[i], maps_np[i], result.out / "overlays" / f"{idx:05d}_{Path(f).stem}.png",
+                    title=f"{Path(f).name}: {label} ({float(p[i]):.2f})"))
+            if len(shown) < 16:
+                shown.append((imgs[i], maps_np[i], f"{Path(f).name}: {label}"))
+            result.files.append(str(f))
+        maps_all.append(maps_np)
+        cls_all.append(c.cpu().numpy())
+        prob_all.append(p.cpu().numpy())
+
+    batch, batch_files = [], []
+    for f in tqdm(list(files), desc="rollout", disable=not progress):
+        try:
+            img = _load_rgb(Path(f))
+        except Exception as e:  # PIL raises OSError, UnidentifiedImageError, ValueError, ...
+            warnings.warn(f"skipping unreadable image {str(f)!r}: {type(e).__name__}: {e}", stacklevel=2)
+            result.skipped.append((str(f), f"{type(e).__name__}: {e}"))
+            continue
+        batch.append(transform(img))
+        batch_files.append(f)
+        if len(batch) == batch_size:
+            flush(batch, batch_files)
+            batch, batch_files = [], []
+    if batch:
+        flush(batch, batch_files)
+    if not result.files:
+        raise ValueError(f"images: none of the {len(files)} inputs could be read")
+
+    result.out.mkdir(parents=True, exist_ok=True)
+    classes = np.concatenate(cls_all).astype(np.int64)
+    result.npz = result.out / "rollout.npz"
+    np.savez(result.npz, maps=np.concatenate(maps_all).astype(np.float32),
+             files=np.array(result.files), predicted_class=classes,
+             probability=np.concatenate(prob_all).astype(np.float32),
+             predicted_label=np.array([names[c] if names else str(c) for c in classes]))
+    result.grid = save_grid([s[0] for s in shown], [s[1] for s in shown], result.out / "grid.png",
+                            titles=[s[2] for s in shown])
+    return result
+
+
+def evaluate_folder(model: torch.nn.Module, data_config: dict, root: str | os.PathLike, *,
+                    batch_size: int = 256, device: str | torch.device = "cpu", indices=None,
+                    progress: bool = True, workers: int = 0) -> float:
+    """Top-1 accuracy (in [0, 1]) of ``model`` on an ImageFolder tree with timm's eval transform.
+
+    ``indices`` restricts to a subset of the folder's (sorted) samples.
+
+    Raises:
+        FileNotFoundError / ValueError: missing or empty folder.
+    """
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import image_folder
+    from .teacher import evaluate
+
+    ds = image_folder(root, create_transform(**data_config))
+    if indices is not None:
+        ds = Subset(ds, list(indices))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
+    return evaluate(model.to(device), loader, device, progress=progress)

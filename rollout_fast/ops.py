@@ -1,0 +1,110 @@
+"""The public attention-rollout op: validates once, picks a backend, runs it.
+
+This is the only module that knows the backends. Today the registry holds the pure-PyTorch
+reference (:mod:`rollout_fast.reference`); fused backends ("cpu", "triton", "cuda") register
+themselves in ``_BACKENDS`` with the same calling convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import reference
+from .reference import RolloutArgs, check_rollout_args
+
+__all__ = ["BACKENDS", "attention_rollout", "available_backends"]
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+def _reference_backend(args: RolloutArgs) -> torch.Tensor:
+    return reference.attention_rollout(
+        args.attentions, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+        num_prefix_tokens=args.num_prefix_tokens, grid=args.grid, readout=args.readout,
+        normalize=args.normalize, protect_prefix=args.protect_prefix)
+
+
+# name -> (is_available() -> bool, supports(device: torch.device) -> bool, run(RolloutArgs) -> Tensor)
+_BACKENDS: dict[str, tuple[Callable[[], bool], Callable[[torch.device], bool],
+                           Callable[[RolloutArgs], torch.Tensor]]] = {
+    "reference": (lambda: True, lambda device: True, _reference_backend),
+}
+# "auto" tries these in order and takes the first available one that supports the input's device.
+_AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
+
+
+def _register_fused_backends() -> None:
+    """Add "cpu", "cuda" and "triton" (rollout_fast.kernels.backends); each checks lazily, on first
+    query, whether the compiled extension / Triton can run here."""
+    try:
+        from .kernels import backends as kb
+    except ImportError:  # a broken partial install: the reference still works
+        return
+    _BACKENDS["cpu"] = (kb.cpu_available, lambda device: device.type == "cpu", kb.run_compiled)
+    _BACKENDS["cuda"] = (kb.cuda_available, lambda device: device.type == "cuda", kb.run_compiled)
+    _BACKENDS["triton"] = (kb.triton_available, kb.triton_supports, kb.run_triton)
+
+
+_register_fused_backends()
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this install (always includes 'reference')."""
+    return [name for name, (avail, _, _) in _BACKENDS.items() if avail()]
+
+
+def _pick(backend: str, device: torch.device) -> Callable[[RolloutArgs], torch.Tensor]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for name in _AUTO_ORDER:
+            entry = _BACKENDS.get(name)
+            if entry is not None and entry[0]() and entry[1](device):
+                return entry[2]
+        raise RuntimeError("no rollout backend available")  # unreachable: reference always is
+    entry = _BACKENDS.get(backend)
+    if entry is None or not entry[0]():
+        raise ValueError(f"backend: {backend!r} is not available in this install; available: "
+                         f"{available_backends()} (see `python -m rollout_fast.info`)")
+    if not entry[1](device):
+        raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors")
+    return entry[2]
+
+
+def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                      num_prefix_tokens: int = 1, grid: tuple[int, int] | None = None,
+                      readout: str = "cls", normalize: str | None = "max",
+                      protect_prefix: bool = True, backend: str = "auto") -> torch.Tensor:
+    """Attention rollout: per-layer attention -> patch-relevance maps (the fast public entry point).
+
+    Args:
+        attentions: ``L`` tensors ``(B, H, N, N)`` or one ``(L, B, H, N, N)`` tensor of post-softmax
+            attention (rows are queries, layers in forward order); float16/bfloat16/float32.
+        head_fusion: 'mean' | 'max' | 'min' over heads.
+        discard_ratio: fraction in [0, 1) of each fused (N, N) matrix to zero per sample.
+        num_prefix_tokens: P, prefix tokens (class, distillation, registers) before the patches.
+        grid: (gh, gw) with gh * gw = N - P; inferred as square when None.
+        readout: 'cls' | 'mean' | 'full'.
+        normalize: 'max' | 'minmax' | None, per sample (not applied to 'full').
+        protect_prefix: keep the first prefix token's self-attention out of the discard.
+        backend: 'auto' (fastest available for the input's device) or one of
+            :func:`available_backends`.
+
+    Returns:
+        float32 ``(B, gh, gw)``, or ``(B, N, N)`` for readout 'full', on the input's device.
+        Semantics: section 1 of REFERENCE.md, implemented by :func:`rollout_fast.reference.attention_rollout`.
+
+    Raises:
+        TypeError, ValueError: bad arguments (each message names the argument), an unknown or
+            unavailable backend.
+
+    Source: Abnar & Zuidema, "Quantifying Attention Flow in Transformers" (ACL 2020); head fusion and
+    discard ratio from jacobgil/vit-explain.
+    """
+    args = check_rollout_args(attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                              num_prefix_tokens=num_prefix_tokens, grid=grid, readout=readout,
+                              normalize=normalize, protect_prefix=protect_prefix)
+    run = _pick(backend, args.attentions.device)
+    return run(args)

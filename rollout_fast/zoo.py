@@ -1,0 +1,115 @@
+"""Shipped models and loading: ``load_teacher``.
+
+The embedded teacher ``"cifar10-vit"`` lives in ``rollout_fast/assets/`` as a safetensors file plus a
+JSON model card (architecture arguments, data config, class names, measured accuracy, the command
+that trained it). Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_weights
+from .models import create_vit
+
+__all__ = ["ASSETS", "EMBEDDED_TEACHERS", "CheckpointNotFoundError", "load_teacher", "teacher_card"]
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_TEACHERS = {"cifar10-vit": ASSETS / "cifar10-vit"}
+
+
+class CheckpointNotFoundError(FileNotFoundError, ValueError):
+    """A checkpoint path that does not exist (both a FileNotFoundError and a ValueError)."""
+
+
+def teacher_card(name: str = "cifar10-vit") -> dict:
+    """The JSON model card of an embedded teacher.
+
+    Raises:
+        ValueError: unknown name. FileNotFoundError: the asset is missing from the install.
+    """
+    if name not in EMBEDDED_TEACHERS:
+        raise ValueError(f"model: unknown embedded teacher {name!r}; known: {sorted(EMBEDDED_TEACHERS)}")
+    path = EMBEDDED_TEACHERS[name].with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded teacher card missing at {path}; reinstall rollout_fast")
+    return json.loads(path.read_text())
+
+
+def _from_card(card: dict, weights: Path) -> tuple[nn.Module, dict]:
+    model = create_vit(card["arch"])
+    state = load_weights(weights)
+    model.load_state_dict(state, strict=True)
+    data_config = dict(card["data_config"])
+    data_config["input_size"] = tuple(data_config["input_size"])
+    data_config["mean"] = tuple(data_config["mean"])
+    data_config["std"] = tuple(data_config["std"])
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **data_config,
+                            "num_classes": card["arch"].get("num_classes"),
+                            "label_names": card.get("class_names")}
+    return model, data_config
+
+
+def load_teacher(model: str | os.PathLike = "cifar10-vit", *, pretrained: bool = False,
+                 checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 **timm_kwargs) -> tuple[nn.Module, dict]:
+    """Load a teacher ViT in eval mode and its timm data config.
+
+    Args:
+        model: ``"cifar10-vit"`` (the embedded CIFAR-10 teacher, offline), any timm model name
+            (e.g. ``"deit_small_patch16_224"``), or a path to a rollout_fast ``.safetensors`` file with
+            its ``.json`` card beside it (as written by ``rollout-fast train-teacher``).
+        pretrained: for timm names, download timm's pretrained weights (needs internet).
+        checkpoint: for timm names, a local weights file: ``.safetensors``, or a torch file read with
+            ``weights_only=True`` (a state dict, or a dict with a ``model``/``state_dict`` entry).
+        device: where to put the model.
+        **timm_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``num_classes`` ...).
+
+    Returns:
+        ``(model, data_config)``: the model in eval mode on ``device``; ``data_config`` is the dict of
+        ``timm.data.resolve_data_config`` (``input_size`` (3, H, W), ``mean``, ``std``,
+        ``interpolation``, ``crop_pct``, ``crop_mode``), ready for ``timm.data.create_transform``.
+
+    Raises:
+        CheckpointNotFoundError (FileNotFoundError and ValueError): ``checkpoint`` or a path
+            ``model`` does not exist.
+        ValueError: an unknown model name, or a checkpoint that cannot be read safely or does not
+            match the architecture.
+    """
+    import timm
+
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise CheckpointNotFoundError(f"checkpoint: no file at {str(checkpoint)!r}")
+    name = str(model)
+    if name in EMBEDDED_TEACHERS:
+        if checkpoint is not None or pretrained:
+            raise ValueError("checkpoint/pretrained: not used with the embedded teacher "
+                             f"{name!r}; pass a timm model name instead")
+        card = teacher_card(name)
+        net, data_config = _from_card(card, EMBEDDED_TEACHERS[name].with_suffix(".safetensors"))
+    elif name.endswith((".safetensors", ".pt", ".pth", ".bin")) or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"model: no checkpoint file at {name!r}")
+        card_path = path.with_suffix(".json")
+        if not card_path.is_file():
+            raise ValueError(f"model: {name!r} has no model card {card_path.name} beside it; for a "
+                             "timm model's weights pass model=TIMM_NAME, checkpoint=PATH")
+        net, data_config = _from_card(json.loads(card_path.read_text()), path)
+    else:
+        if not timm.is_model(name):
+            raise ValueError(f"model: {name!r} is neither an embedded teacher "
+                             f"{sorted(EMBEDDED_TEACHERS)} nor a timm model name")
+        net = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        if checkpoint is not None:
+            try:
+                net.load_state_dict(load_weights(checkpoint), strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"checkpoint: {str(checkpoint)!r} does not match {name}: {e}") from e
+        data_config = timm.data.resolve_data_config({}, model=net)
+    return net.to(device).eval(), data_config

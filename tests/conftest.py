@@ -1,0 +1,34 @@
+"""Shared fixtures: deterministic seeds, TF32 off, and the location of ../shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ROLLOUT_FAST_SHARED", REPO.parent / "shared"))
+CIFAR10 = SHARED / "data" / "cifar10"
+IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_precision():
+    torch.manual_seed(0)
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.fixture
+def cifar10_test() -> Path:
+    """The real CIFAR-10 test split in ../shared (skips where ../shared is absent)."""
+    root = CIFAR10 / "test"
+    if not root.is_dir():
+        pytest.skip(f"real CIFAR-10 data not found at {root} (set ROLLOUT_FAST_SHARED to the shared/ "
+                    "folder holding data/cifar10)")
+    return root

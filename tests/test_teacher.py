@@ -1,0 +1,99 @@
+"""train-teacher: a tiny run trains, checkpoints atomically, resumes to the same weights, and writes a
+card that load_teacher reads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rollout_fast import load_teacher
+from rollout_fast.checkpoint import load_training_state
+from rollout_fast.teacher import TeacherConfig, train_teacher
+
+TINY_ARCH = {"img_size": 32, "patch_size": 4, "num_classes": 10, "embed_dim": 32, "depth": 1, "num_heads": 2,
+             "embed_layer": {"name": "conv_stem", "convs_per_stage": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def _cfg(epochs):
+    return TeacherConfig(epochs=epochs, batch_size=8, workers=0, arch=dict(TINY_ARCH))
+
+
+def test_training_is_seeded_and_writes_log_card_and_weights(tiny_cifar, tmp_path):
+    first = train_teacher(tiny_cifar, tmp_path / "a", _cfg(2), device="cpu", progress=False)
+    train_teacher(tiny_cifar, tmp_path / "b", _cfg(2), device="cpu", progress=False)
+    a, b = load_training_state(tmp_path / "a" / "last.pt"), load_training_state(tmp_path / "b" / "last.pt")
+    assert a["epoch"] == 2
+    for k, v in a["model"].items():  # same seed -> identical runs
+        assert torch.equal(v, b["model"][k]), k
+    lines = (tmp_path / "a" / "log.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("epoch,train_loss") and len(lines) == 3
+    card = json.loads((tmp_path / "a" / "teacher.json").read_text())
+    assert card["arch"] == TINY_ARCH and card["test_top1"] == first["test_top1"]
+    assert card["class_names"][0] == "airplane" and "command" in card and "data_source" in card
+    model, cfg = load_teacher(str(tmp_path / "a" / "teacher.safetensors"))
+    assert cfg["input_size"] == (3, 32, 32) and not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, a["model"][k]), k
+
+
+def test_interrupted_run_resumes_bit_exactly(tiny_cifar, tmp_path):
+    full = tmp_path / "full"
+    train_teacher(tiny_cifar, full, _cfg(2), device="cpu", progress=False)
+    part = tmp_path / "part"
+
+    class Stop(Exception):
+        pass
+
+    import rollout_fast.teacher as teacher_mod
+
+    real_save = teacher_mod.save_training_state
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        raise Stop  # the process dies right after epoch 1's checkpoint
+
+    teacher_mod.save_training_state = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            train_teacher(tiny_cifar, part, _cfg(2), device="cpu", progress=False)
+    finally:
+        teacher_mod.save_training_state = real_save
+    assert load_training_state(part / "last.pt")["epoch"] == 1
+    train_teacher(tiny_cifar, part, _cfg(2), device="cpu", progress=False, resume=True)
+    got, want = load_training_state(part / "last.pt"), load_training_state(full / "last.pt")
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    assert len((part / "log.csv").read_text().strip().splitlines()) == 3
+
+
+def test_resume_errors_are_clear_and_overwrite_nothing(tiny_cifar, tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train_teacher(tiny_cifar, tmp_path / "none", _cfg(1), progress=False, resume=True)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "last.pt").write_bytes(b"truncated garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        train_teacher(tiny_cifar, bad, _cfg(1), progress=False, resume=True)
+    assert (bad / "last.pt").read_bytes() == b"truncated garbage"
+    with pytest.raises(FileNotFoundError, match="data"):
+        train_teacher(tmp_path / "missing", tmp_path / "x", _cfg(1), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="data"):
+        train_teacher(tmp_path / "empty", tmp_path / "x", _cfg(1), progress=False)

@@ -1,0 +1,78 @@
+"""The embedded teacher and load_teacher: offline loading, accuracy on real data, safe checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import timm
+import torch
+
+from rollout_fast import load_teacher
+from rollout_fast.checkpoint import save_weights
+from rollout_fast.jobs import evaluate_folder
+from rollout_fast.zoo import EMBEDDED_TEACHERS, CheckpointNotFoundError, teacher_card
+
+
+def test_embedded_teacher_loads_offline_in_eval_mode():
+    model, cfg = load_teacher("cifar10-vit")
+    assert isinstance(model, timm.models.VisionTransformer)
+    assert not model.training
+    assert cfg["input_size"] == (3, 32, 32) and len(cfg["mean"]) == 3
+    assert model.patch_embed.grid_size == (8, 8) and model.num_prefix_tokens == 1
+    card = teacher_card()
+    assert card["class_names"][0] == "airplane" and card["test_top1"] >= 0.80
+    assert EMBEDDED_TEACHERS["cifar10-vit"].with_suffix(".safetensors").stat().st_size <= 12 * 2**20
+    assert timm.data.resolve_data_config({}, model=model)["mean"] == cfg["mean"]
+
+
+@pytest.mark.slow
+def test_embedded_teacher_accuracy_on_fixed_test_slice(cifar10_test):
+    model, cfg = load_teacher("cifar10-vit")
+    # every 10th image of the sorted ImageFolder: 100 per class, 1,000 in all
+    acc = evaluate_folder(model, cfg, cifar10_test, indices=range(0, 10000, 10), progress=False)
+    assert acc >= 0.78
+
+
+def test_local_card_checkpoint_round_trip(tmp_path):
+    model, _ = load_teacher("cifar10-vit")
+    path = tmp_path / "copy.safetensors"
+    save_weights(path, model.state_dict())
+    (tmp_path / "copy.json").write_text(EMBEDDED_TEACHERS["cifar10-vit"].with_suffix(".json").read_text())
+    again, _ = load_teacher(str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_timm_name_with_local_checkpoint(tmp_path):
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    torch.save({"model": ref.state_dict(), "epoch": 3}, tmp_path / "w.pth")
+    model, cfg = load_teacher("vit_tiny_patch16_224", checkpoint=tmp_path / "w.pth", img_size=32,
+                              patch_size=8, depth=1, num_classes=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert cfg["input_size"] == (3, 32, 32)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_code_is_never_loaded(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_teacher("vit_tiny_patch16_224", checkpoint=path, img_size=32, depth=1)
+
+
+def test_missing_checkpoint_and_unknown_model():
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_teacher("vit_tiny_patch16_224", checkpoint="/nonexistent/weights.safetensors")
+    with pytest.raises(CheckpointNotFoundError, match="model"):
+        load_teacher("/nonexistent/teacher.safetensors")
+    with pytest.raises(ValueError, match="model"):
+        load_teacher("no_such_model_xyz")
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_teacher("vit_tiny_patch16_224", checkpoint=__file__, depth=1)
