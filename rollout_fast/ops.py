@@ -31,8 +31,9 @@ _BACKENDS: dict[str, tuple[Callable[[], bool], Callable[[torch.device], bool],
                            Callable[[RolloutArgs], torch.Tensor]]] = {
     "reference": (lambda: True, lambda device: True, _reference_backend),
 }
-# "auto" tries these in order and takes the first available one that supports the input's device.
-_AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
+# "auto" tries these in order for the input's device type and takes the first available one. Triton is
+# never chosen for CPU tensors: there it runs in Triton's interpreter, which is for tests, not speed.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
 def _register_fused_backends() -> None:
@@ -59,7 +60,7 @@ def _pick(backend: str, device: torch.device) -> Callable[[RolloutArgs], torch.T
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        for name in _AUTO_ORDER:
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
             entry = _BACKENDS.get(name)
             if entry is not None and entry[0]() and entry[1](device):
                 return entry[2]

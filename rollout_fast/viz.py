@@ -72,31 +72,38 @@ def save_overlay(image: np.ndarray, rollout_map: np.ndarray, path: str | os.Path
 
 def save_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], path: str | os.PathLike,
               titles: Sequence[str] | None = None, extra: Sequence[tuple[str, Sequence[np.ndarray]]] = (),
-              max_rows: int = 16) -> Path:
-    """Save a figure with one row per image: input | rollout overlay (| extra maps ...), as a PNG.
+              max_images: int = 16, per_row: int | None = None) -> Path:
+    """Save a grid figure of input | rollout overlay (| extra maps ...) panels as a PNG.
 
     Args:
         images: (H, W, 3) floats in [0, 1]. maps: (gh, gw) arrays, one per image.
-        titles: a caption per row (e.g. predicted class). extra: further (column name, maps) columns.
-        max_rows: at most this many rows are drawn.
+        titles: a caption per image (e.g. predicted class). extra: further (column name, maps) columns.
+        max_images: at most this many images are drawn.
+        per_row: images per row (default: 1 up to 8 images, else 2).
     """
     plt = _plt()
-    n = min(len(images), max_rows)
-    cols = 2 + len(extra)
-    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), dpi=100, squeeze=False)
+    n = min(len(images), max_images)
+    per_row = per_row or (1 if n <= 8 else 2)
+    rows = (n + per_row - 1) // per_row
+    panels = 2 + len(extra)
+    cols = panels * per_row
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.1 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
     for i in range(n):
+        r, c0 = divmod(i, per_row)
         img = _display(images[i])
         columns = [("input", None), ("rollout", maps[i])] + [(name, ms[i]) for name, ms in extra]
         for j, (name, m) in enumerate(columns):
-            ax = axes[i, j]
+            ax = axes[r, c0 * panels + j]
             ax.imshow(img)
             if m is not None:
                 ax.imshow(upsample_map(m, img.shape[:2]), cmap="jet", alpha=0.5)
-            ax.set_axis_off()
-            if i == 0:
+            if r == 0:
                 ax.set_title(name, fontsize=9)
         if titles:
-            axes[i, 0].text(0, -0.02, titles[i], transform=axes[i, 0].transAxes, fontsize=7, va="top")
+            axes[r, c0 * panels].text(0, -0.03, titles[i], transform=axes[r, c0 * panels].transAxes,
+                                      fontsize=7, va="top")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -112,4 +112,7 @@ def load_teacher(model: str | os.PathLike = "cifar10-vit", *, pretrained: bool =
             except RuntimeError as e:
                 raise ValueError(f"checkpoint: {str(checkpoint)!r} does not match {name}: {e}") from e
         data_config = timm.data.resolve_data_config({}, model=net)
+        img_size = getattr(getattr(net, "patch_embed", None), "img_size", None)
+        if img_size is not None:  # built with another img_size than its pretrained_cfg's
+            data_config["input_size"] = (data_config["input_size"][0], *(int(s) for s in img_size))
     return net.to(device).eval(), data_config

@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton's interpreter must be chosen before triton is first imported (timm imports it), or triton's
+# own @jit library functions are built for the GPU and fail inside interpreted kernels. Without a GPU
+# the Triton tests run in the interpreter; "auto" never picks it (rollout_fast.ops), so other tests
+# are unaffected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ROLLOUT_FAST_SHARED", REPO.parent / "shared"))
 CIFAR10 = SHARED / "data" / "cifar10"

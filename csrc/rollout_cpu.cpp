@@ -1,0 +1,176 @@
+// Fused attention rollout on the CPU, and the schemas of the rollout_fast custom ops.
+//
+//   rollout_fast::rollout(attentions (L, B, H, N, N) f16|bf16|f32|f64, head_fusion, discard_ratio,
+//                         num_prefix_tokens, protect_prefix, readout, normalize)
+//       -> (B, N - P) float32 normalised maps for readout 'cls' | 'mean', (B, N, N) for 'full'
+//   rollout_fast::fused_layers(attentions, head_fusion, discard_ratio, protect_first)
+//       -> (L, B, N, N) float32 per-layer M_l = (discard(F_l) + I) / rowsum (steps 1-3)
+//
+// One pass per layer and sample fuses the H heads while reading the attention once (float32
+// accumulation), selects the discard threshold on the fused N*N matrix (radix select, not a sort),
+// applies discard + residual + row normalisation, and feeds the row-vector chain u^T M_L ... M_1 of the
+// 'cls'/'mean' readouts (O(L N^2)); 'full' keeps every M_l and multiplies them with at::bmm. The
+// kernel (rollout_cpu_impl.h) is compiled for the baseline ISA and, on x86-64, for AVX2+FMA+F16C,
+// picked at run time; with -ffp-contract=off and fixed reduction orders both give the same bits.
+// Per-element logic: rollout_common.h (shared with the CUDA kernels).
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "rollout_common.h"
+#include "rollout_op.h"
+
+namespace rollout_fast {
+
+struct Problem {
+  int64_t L, B, H, N, k;
+  int64_t sL, sB, sH, sI;  // element strides of the attention (the last stride is 1)
+  int fusion;
+  bool protect00;  // keep F[b, 0, 0] out of the discard
+};
+
+namespace cpu_base {
+#include "rollout_cpu_impl.h"
+}  // namespace cpu_base
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__FLT16_MAX__)
+#define ROLLOUT_FAST_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace cpu_avx2 {
+#define ROLLOUT_CPU_F16C 1
+#include "rollout_cpu_impl.h"
+#undef ROLLOUT_CPU_F16C
+}  // namespace cpu_avx2
+#pragma GCC pop_options
+#endif
+
+// The instruction set the kernel runs with: "avx2" where the CPU has AVX2, FMA and F16C, else
+// "baseline". ROLLOUT_FAST_CPU_ISA=baseline forces the baseline build (tests compare the two).
+const char* cpu_isa() {
+#if defined(ROLLOUT_FAST_HAVE_AVX2)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  const char* forced = std::getenv("ROLLOUT_FAST_CPU_ISA");
+  if (avx2 && !(forced != nullptr && std::string_view(forced) == "baseline")) return "avx2";
+#endif
+  return "baseline";
+}
+
+namespace {
+
+// ROLLOUT_DISPATCH(ok, att, fusion, FN, args...) sets ok = cpu_<isa>::FN<scalar_t, FUSION>(data, args...)
+// for the attention's dtype, the head fusion and the ISA of cpu_isa().
+#if defined(ROLLOUT_FAST_HAVE_AVX2)
+#define ROLLOUT_ISA_CALL(FN, T, FUSION, ...)                                  \
+  (std::string_view(cpu_isa()) == "avx2" ? cpu_avx2::FN<T, FUSION>(__VA_ARGS__) \
+                                         : cpu_base::FN<T, FUSION>(__VA_ARGS__))
+#else
+#define ROLLOUT_ISA_CALL(FN, T, FUSION, ...) cpu_base::FN<T, FUSION>(__VA_ARGS__)
+#endif
+
+#define ROLLOUT_DISPATCH(ok, att, fusion, FN, ...)                                                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (att).scalar_type(), "rollout_fast_cpu", [&] { \
+    const scalar_t* data = (att).const_data_ptr<scalar_t>();                                           \
+    switch (fusion) {                                                                                  \
+      case kFusionMean: ok = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMean, data, __VA_ARGS__); break;     \
+      case kFusionMax: ok = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMax, data, __VA_ARGS__); break;       \
+      default: ok = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMin, data, __VA_ARGS__); break;              \
+    }                                                                                                  \
+  })
+
+constexpr const char* kNonFinite = "rollout_fast: attentions contains NaN or infinite values";
+
+Problem make_problem(const at::Tensor& att, const LayerShape& s, int fusion, bool protect00) {
+  return {s.L, s.B, s.H, s.N, s.k, att.stride(0), att.stride(1), att.stride(2), att.stride(3), fusion,
+          protect00};
+}
+
+at::Tensor inner_contiguous(const at::Tensor& att) {
+  return att.stride(4) == 1 ? att : att.contiguous();
+}
+
+void check_cpu(const at::Tensor& att) {
+  TORCH_CHECK(att.device().is_cpu(), "rollout_fast: expected a CPU tensor, got ", att.device());
+}
+
+// ------------------------------------------------------------------------------ op bodies
+at::Tensor fused_layers_cpu(const at::Tensor& attentions, std::string_view head_fusion,
+                            double discard_ratio, bool protect_first) {
+  check_cpu(attentions);
+  const LayerShape s = check_attentions(attentions, discard_ratio);
+  const int fusion = parse_head_fusion(head_fusion);
+  const at::Tensor att = inner_contiguous(attentions);
+  at::Tensor M = at::empty({s.L, s.B, s.N, s.N}, att.options().dtype(at::kFloat));
+  float* m = M.data_ptr<float>();
+  const Problem p = make_problem(att, s, fusion, protect_first);
+  bool finite = true;
+  ROLLOUT_DISPATCH(finite, att, fusion, run_layers, p, m);
+  TORCH_CHECK(finite, kNonFinite);
+  return M;
+}
+
+at::Tensor rollout_cpu(const at::Tensor& attentions, std::string_view head_fusion, double discard_ratio,
+                       int64_t num_prefix_tokens, bool protect_prefix, std::string_view readout,
+                       std::optional<std::string_view> normalize) {
+  check_cpu(attentions);
+  const LayerShape s = check_attentions(attentions, discard_ratio);
+  const int fusion = parse_head_fusion(head_fusion);
+  const int ro = parse_readout(readout);
+  const int norm = parse_normalize(normalize);
+  check_prefix(s.N, num_prefix_tokens, ro);
+  const bool protect00 = protect_prefix && num_prefix_tokens >= 1;
+  if (ro == kReadoutFull) {
+    at::Tensor M = fused_layers_cpu(attentions, head_fusion, discard_ratio, protect00);
+    at::Tensor R = M.select(0, 0);
+    for (int64_t l = 1; l < s.L; ++l) R = at::bmm(M.select(0, l), R);
+    return R.contiguous();
+  }
+  const at::Tensor att = inner_contiguous(attentions);
+  const int64_t G = s.N - num_prefix_tokens;
+  at::Tensor out = at::empty({s.B, G}, att.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const Problem p = make_problem(att, s, fusion, protect00);
+  // per-sample schedule when the batch fills the threads; otherwise parallel over rows
+  const bool per_sample = s.B >= at::get_num_threads();
+  bool finite = true;
+  ROLLOUT_DISPATCH(finite, att, fusion, run_rollout, p, num_prefix_tokens, ro, norm, per_sample, o);
+  TORCH_CHECK(finite, kNonFinite);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rollout_fast, m) {
+  m.set_python_module("rollout_fast.kernels._ext");  // holds the fake (meta) kernels
+  m.def("rollout(Tensor attentions, str head_fusion, float discard_ratio, int num_prefix_tokens, "
+        "bool protect_prefix, str readout, str? normalize) -> Tensor");
+  m.def("fused_layers(Tensor attentions, str head_fusion, float discard_ratio, bool protect_first) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rollout_fast, CPU, m) {
+  m.impl("rollout", &rollout_cpu);
+  m.impl("fused_layers", &fused_layers_cpu);
+}
+
+}  // namespace rollout_fast
