@@ -22,7 +22,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/cifar10")
     p.add_argument("--out", default="runs/teacher")
-    p.add_argument("--epochs", type=int, default=11)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--no-install", action="store_true", help="do not copy into rollout_fast/assets")
     args = p.parse_args()

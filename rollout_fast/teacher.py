@@ -46,7 +46,7 @@ DEFAULT_TEACHER_ARCH = {
 class TeacherConfig:
     """Hyper-parameters of :func:`train_teacher` (defaults: the shipped teacher's recipe)."""
 
-    epochs: int = 11
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -55,6 +55,9 @@ class TeacherConfig:
     seed: int = 0
     workers: int = 2
     arch: dict = field(default_factory=lambda: dict(DEFAULT_TEACHER_ARCH))
+    # start from these weights (a teacher.safetensors of the same arch) instead of a random init: a warm
+    # restart of the cosine schedule (Loshchilov & Hutter 2017, SGDR), e.g. a short low-lr fine-tune
+    init_from: str | None = None
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
@@ -144,6 +147,14 @@ def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: Teach
     test_loader = DataLoader(test_set, batch_size=256, num_workers=cfg.workers)
 
     model = create_vit(cfg.arch).to(dev)
+    if cfg.init_from is not None:
+        from .checkpoint import load_weights
+
+        try:
+            model.load_state_dict(load_weights(cfg.init_from), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"init_from: {cfg.init_from!r} does not match the architecture {cfg.arch}: "
+                             f"{e}") from e
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n
              and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n

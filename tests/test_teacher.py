@@ -97,3 +97,22 @@ def test_resume_errors_are_clear_and_overwrite_nothing(tiny_cifar, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="data"):
         train_teacher(tmp_path / "empty", tmp_path / "x", _cfg(1), progress=False)
+
+
+def test_init_from_starts_at_the_given_weights(tiny_cifar, tmp_path):
+    """A warm restart (init_from) starts from the weights given; a mismatched file is a clear error."""
+    from dataclasses import replace
+
+    train_teacher(tiny_cifar, tmp_path / "a", _cfg(1), device="cpu", progress=False)
+    weights = tmp_path / "a" / "teacher.safetensors"
+    start = load_training_state(tmp_path / "a" / "last.pt")["model"]
+    cfg = replace(_cfg(1), lr=1e-12, init_from=str(weights))  # (almost) no step: stays at the start
+    train_teacher(tiny_cifar, tmp_path / "b", cfg, device="cpu", progress=False)
+    got = load_training_state(tmp_path / "b" / "last.pt")["model"]
+    for k, v in start.items():
+        if v.is_floating_point() and "running" not in k:  # BatchNorm statistics move without the lr
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.equal(v, start[k]) for k, v in got.items() if "running" in k), "no epoch ran"
+    other = dict(TINY_ARCH, embed_dim=16)
+    with pytest.raises(ValueError, match="init_from"):
+        train_teacher(tiny_cifar, tmp_path / "c", replace(cfg, arch=other), device="cpu", progress=False)
