@@ -2,8 +2,10 @@
 
 Public API:
     attention_rollout        the rollout op (reference semantics, fastest available backend)
+    grad_attention_rollout   class-specific gradient rollout from attention and its gradient
     available_backends       which backends this install has
-    AttentionRollout         rollout maps straight from a timm ViT and a batch of images
+    AttentionRollout         rollout maps straight from a timm ViT and a batch of images (fused attention
+                             capture; ``.grad_rollout(images, targets)`` for gradient rollout)
     load_teacher             the embedded CIFAR-10 teacher, any timm model, or a local checkpoint
 """
 
@@ -11,10 +13,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .ops import attention_rollout, available_backends  # noqa: E402
+from .ops import attention_rollout, available_backends, grad_attention_rollout  # noqa: E402
 
-__all__ = ["attention_rollout", "available_backends", "AttentionRollout", "load_teacher",
-           "__version__"]
+__all__ = ["attention_rollout", "available_backends", "grad_attention_rollout", "AttentionRollout",
+           "load_teacher", "__version__"]
 
 
 def __getattr__(name):  # lazy: importing the op must not import timm

@@ -10,7 +10,8 @@ def _cmd_train_teacher(args) -> int:
     from .teacher import TeacherConfig, train_teacher
 
     cfg = TeacherConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        weight_decay=args.weight_decay, seed=args.seed, workers=args.workers)
+                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
+                        workers=args.workers, init_from=args.init_from)
     card = train_teacher(args.data, args.out, cfg, device=args.device, resume=args.resume,
                          progress=not args.no_progress)
     print(f"test top-1 {card['test_top1']:.4f}; weights and card in {args.out}")
@@ -47,6 +48,9 @@ def _load(args):
 def _cmd_rollout(args) -> int:
     from .jobs import collect_images, rollout_images
 
+    if args.target is not None and args.method != "grad":
+        print("rollout-fast rollout: --target CLASS is used only with --method grad", file=sys.stderr)
+        return 2
     files = collect_images(args.inputs)
     if not files:
         print("rollout-fast rollout: no image files found in the inputs", file=sys.stderr)
@@ -56,11 +60,12 @@ def _cmd_rollout(args) -> int:
         res = rollout_images(files, args.out, model, data_config, head_fusion=args.head_fusion,
                              discard_ratio=args.discard_ratio, batch_size=args.batch_size,
                              device=_device(args.device), progress=not args.no_progress,
-                             overlays=not args.no_overlays)
+                             overlays=not args.no_overlays, method=args.method, target=args.target)
     except ValueError as e:
         print(f"rollout-fast rollout: {e}", file=sys.stderr)
         return 1
-    print(f"rollout of {len(res.files)} image(s) written to {res.out}/")
+    what = "gradient rollout" if args.method == "grad" else "rollout"
+    print(f"{what} of {len(res.files)} image(s) written to {res.out}/")
     print(f"  maps:     {res.npz}")
     print(f"  grid:     {res.grid}")
     if res.overlays:
@@ -91,10 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-teacher", help="train the CIFAR-10 ViT teacher")
     t.add_argument("--data", required=True, help="CIFAR-10 ImageFolder root with train/ and test/")
     t.add_argument("--out", required=True, help="output folder (checkpoints, log, weights, card)")
-    t.add_argument("--epochs", type=int, default=11)
+    t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.05)
+    t.add_argument("--warmup-epochs", type=float, default=1.0)
+    t.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="start from these teacher weights (.safetensors) instead of a random init")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -106,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
     r.add_argument("--out", required=True, help="output folder")
     _add_model_args(r)
-    r.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean")
+    r.add_argument("--method", choices=["attention", "grad"], default="attention",
+                   help="attention rollout (default) or class-specific gradient rollout")
+    r.add_argument("--target", type=int, default=None, metavar="CLASS",
+                   help="class index explained by --method grad (default: each image's predicted class)")
+    r.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean",
+                   help="head fusion of --method attention (grad rollout fuses heads by mean(A * dA))")
     r.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1)")
     r.add_argument("--no-overlays", action="store_true", help="write only rollout.npz and grid.png")
     r.add_argument("--no-progress", action="store_true")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .capture import attention_modules, capture_attention, token_layout
-from .ops import attention_rollout
+from .capture import (
+    CAPTURES,
+    attention_modules,
+    capture_attention,
+    capture_attention_grad,
+    check_targets,
+    token_layout,
+)
+from .ops import attention_rollout, grad_attention_rollout
 from .reference import HEAD_FUSIONS, NORMALIZATIONS
 
 __all__ = ["AttentionRollout", "RolloutResult"]
@@ -37,8 +44,19 @@ class AttentionRollout:
     register tokens) and the patch grid are read from the model and the input size, so distilled DeiT
     (2 prefix tokens), register models, non-224 and non-square inputs all work.
 
-    The model is not changed: capture uses temporary hooks (see :mod:`rollout_fast.capture`), runs in
-    eval mode and restores every module's train/eval flag; outputs, modules and hooks are as before.
+    Capture (``capture='auto'``): each block's SDPA call is answered by a fused attention that also
+    returns the head-fused (B, N, N) attention, so rollout costs about one forward pass and never holds
+    per-head probabilities: the Triton kernel on CUDA ('fused-triton'), batch-chunked PyTorch elsewhere
+    ('fused-chunked'); blocks whose SDPA call cannot be answered fall back to rebuilding the attention
+    from q and k ('qk-hooks'). ``info['last_capture']`` and the repr say which path ran. See
+    :mod:`rollout_fast.capture`.
+
+    :meth:`grad_rollout` / :meth:`explain_grad` give class-specific gradient rollout (REFERENCE.md
+    section 2): ``F_l = relu(mean_h(A_l * dy/dA_l))`` with ``y`` the target logits, head fusion fixed to
+    that (``head_fusion`` applies to plain rollout only), ``F[0, 0]`` not protected from the discard.
+
+    The model is not changed: temporary hooks only, run in eval mode, every module's train/eval flag
+    restored; outputs, modules, hooks and parameters (and their ``.grad``) are as before.
 
     Args:
         model: timm ``VisionTransformer`` (vit_*, deit_*, register, q/k-norm, LayerScale models).
@@ -47,16 +65,20 @@ class AttentionRollout:
         readout: 'cls' | 'mean' | None (None: 'cls' if the model has a class token, else 'mean').
         normalize: 'max' | 'minmax' | None, per image.
         backend: rollout backend, see :func:`rollout_fast.available_backends`.
+        capture: 'auto' | 'fused-triton' | 'fused-chunked' | 'qk-hooks' (see
+            :func:`rollout_fast.capture.resolve_capture`).
 
     Raises:
         rollout_fast.capture.UnsupportedModelError (a TypeError): the model is not a supported ViT.
-        ValueError: bad ``head_fusion``, ``discard_ratio``, ``readout`` or ``normalize``.
+        ValueError: bad ``head_fusion``, ``discard_ratio``, ``readout``, ``normalize`` or ``capture``.
 
-    Source: Abnar & Zuidema 2020 (attention rollout); jacobgil/vit-explain (head fusion, discard ratio).
+    Source: Abnar & Zuidema 2020 (attention rollout); jacobgil/vit-explain (head fusion, discard ratio,
+    gradient rollout).
     """
 
     def __init__(self, model: nn.Module, head_fusion: str = "mean", discard_ratio: float = 0.0,
-                 readout: str | None = None, normalize: str | None = "max", backend: str = "auto"):
+                 readout: str | None = None, normalize: str | None = "max", backend: str = "auto",
+                 capture: str = "auto"):
         attention_modules(model)  # fail early on unsupported models
         if head_fusion not in HEAD_FUSIONS:
             raise ValueError(f"head_fusion: expected one of {HEAD_FUSIONS}, got {head_fusion!r}")
@@ -69,33 +91,60 @@ class AttentionRollout:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
         if readout == "cls" and getattr(model, "cls_token", None) is None:
             raise ValueError("readout: 'cls' needs a model with a class token; use 'mean'")
+        if capture not in CAPTURES:
+            raise ValueError(f"capture: expected one of {CAPTURES}, got {capture!r}")
         self.model = model
         self.head_fusion = head_fusion
         self.discard_ratio = float(discard_ratio)
         self.readout = readout or ("cls" if getattr(model, "cls_token", None) is not None else "mean")
         self.normalize = normalize
         self.backend = backend
+        self.capture = capture
+        self.last_capture: str | None = None
+        self.last_layer_captures: tuple[str, ...] = ()
+
+    @property
+    def info(self) -> dict:
+        """Settings and what ran: ``capture`` (requested), ``last_capture`` (the path of the last call:
+        'fused-triton' | 'fused-chunked' | 'qk-hooks', '+'-joined when blocks differed; for
+        :meth:`grad_rollout` 'grad:sdpa-explicit' or 'grad:attn-drop'; None before the first call),
+        ``last_layer_captures`` (per block), ``backend``, ``head_fusion``, ``discard_ratio``,
+        ``readout``, ``normalize``."""
+        return {"capture": self.capture, "last_capture": self.last_capture,
+                "last_layer_captures": self.last_layer_captures, "backend": self.backend,
+                "head_fusion": self.head_fusion, "discard_ratio": self.discard_ratio,
+                "readout": self.readout, "normalize": self.normalize}
 
     def __repr__(self) -> str:
         return (f"AttentionRollout(model={type(self.model).__name__}, head_fusion={self.head_fusion!r}, "
                 f"discard_ratio={self.discard_ratio}, readout={self.readout!r}, "
-                f"normalize={self.normalize!r}, backend={self.backend!r}, capture='qk-hooks')")
+                f"normalize={self.normalize!r}, backend={self.backend!r}, capture={self.capture!r}, "
+                f"last_capture={self.last_capture!r})")
+
+    def _layout(self, images):
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError("images: expected a (B, C, H, W) tensor")
+        return token_layout(self.model, tuple(images.shape[-2:]))
+
+    @staticmethod
+    def _check_tokens(N: int, layout) -> None:
+        if N != layout.num_tokens:
+            raise ValueError(f"model: captured {N} tokens, expected {layout.num_prefix_tokens} prefix + "
+                             f"{layout.grid[0]}x{layout.grid[1]} patch tokens")
 
     @torch.no_grad()
     def explain(self, images: torch.Tensor) -> RolloutResult:
         """One forward pass: ``(maps (B, gh, gw) float32, logits)`` for ``images`` (B, 3, H, W).
 
         Raises:
-            ValueError: ``images`` is not a (B, C, H, W) tensor of the model's input size.
+            ValueError: ``images`` is not a (B, C, H, W) tensor of the model's input size; ``capture``
+                names a path that cannot run on the images' device.
         """
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError("images: expected a (B, C, H, W) tensor")
-        layout = token_layout(self.model, tuple(images.shape[-2:]))
-        logits, attention = capture_attention(self.model, images, head_fusion=self.head_fusion)
-        N = attention.shape[-1]
-        if N != layout.num_tokens:
-            raise ValueError(f"model: captured {N} tokens, expected {layout.num_prefix_tokens} prefix + "
-                             f"{layout.grid[0]}x{layout.grid[1]} patch tokens")
+        layout = self._layout(images)
+        result = capture_attention(self.model, images, head_fusion=self.head_fusion, capture=self.capture)
+        logits, attention = result
+        self.last_capture, self.last_layer_captures = result.path, result.layer_paths
+        self._check_tokens(attention.shape[-1], layout)
         # Attention is already head-fused (H = 1): fusion over one head is the identity for every mode.
         maps = attention_rollout(attention, head_fusion="mean", discard_ratio=self.discard_ratio,
                                  num_prefix_tokens=layout.num_prefix_tokens, grid=layout.grid,
@@ -105,3 +154,34 @@ class AttentionRollout:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Rollout maps ``(B, gh, gw)`` float32 for ``images`` (B, 3, H, W) on the model's device."""
         return self.explain(images).maps
+
+    def explain_grad(self, images: torch.Tensor, targets=None) -> RolloutResult:
+        """Class-specific gradient rollout: ``(maps (B, gh, gw) float32, logits (B, C))``.
+
+        One forward and one backward pass (to the attention only; parameter ``.grad`` untouched).
+
+        Args:
+            images: (B, 3, H, W) on the model's device.
+            targets: None (each image's predicted class), an int class for every image, or an int
+                sequence / integer tensor of shape (B,), one class per image.
+
+        Raises:
+            ValueError: bad ``images``; ``targets`` of the wrong shape or outside [0, num_classes).
+            TypeError: ``targets`` not integers.
+
+        Source: REFERENCE.md section 2 (jacobgil/vit-explain's grad rollout with its layer order fixed).
+        """
+        layout = self._layout(images)
+        check_targets(targets, images.shape[0])  # type and shape before the forward pass
+        cap = capture_attention_grad(self.model, images, targets)
+        self.last_capture = f"grad:{cap.path}"
+        self.last_layer_captures = ()
+        self._check_tokens(cap.attentions.shape[-1], layout)
+        maps = grad_attention_rollout(cap.attentions, cap.gradients, discard_ratio=self.discard_ratio,
+                                      num_prefix_tokens=layout.num_prefix_tokens, grid=layout.grid,
+                                      readout=self.readout, normalize=self.normalize, backend=self.backend)
+        return RolloutResult(maps, cap.output)
+
+    def grad_rollout(self, images: torch.Tensor, targets=None) -> torch.Tensor:
+        """Gradient rollout maps ``(B, gh, gw)`` float32; see :meth:`explain_grad`."""
+        return self.explain_grad(images, targets).maps

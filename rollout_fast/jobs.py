@@ -82,21 +82,27 @@ def _load_rgb(path: Path):
 def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, model: torch.nn.Module,
                    data_config: dict, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
-                   overlays: bool = True) -> RolloutJobResult:
+                   overlays: bool = True, method: str = "attention", target: int | None = None) -> RolloutJobResult:
     """Attention rollout over image files; write overlays, ``rollout.npz`` and ``grid.png`` to ``out``.
 
     Each file is read with PIL (any size and mode, converted to RGB) and passed through timm's eval
     transform for ``data_config`` (``timm.data.create_transform``). Unreadable files are skipped with a
     warning naming them.
 
+    ``method``: 'attention' (attention rollout, ``head_fusion``) or 'grad' (class-specific gradient
+    rollout, REFERENCE.md section 2, for class ``target``; default each image's predicted class).
+
     Writes:
         ``out/overlays/NNNNN_<name>.png``: the model input with the rollout heatmap and a colour bar;
         ``out/rollout.npz``: ``maps`` float32 (num_images, gh, gw), ``files``, ``predicted_class``
-        int64, ``probability`` float32, ``predicted_label``;
+        int64, ``probability`` float32, ``predicted_label``, ``method``; for 'grad' also
+        ``target_class`` int64 (the class each map explains);
         ``out/grid.png``: rows of input | rollout (first 16 images).
 
     Raises:
-        ValueError: ``batch_size`` < 1, or no file could be read (nothing is written then).
+        ValueError: ``batch_size`` < 1, unknown ``method``, ``target`` given without method 'grad' or
+            outside the model's classes, or no file could be read (nothing is written then).
+        TypeError: ``target`` not an int.
     """
     from timm.data import create_transform
     from tqdm.auto import tqdm
@@ -105,23 +111,39 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if method not in ("attention", "grad"):
+        raise ValueError(f"method: expected 'attention' or 'grad', got {method!r}")
+    if target is not None:
+        if method != "grad":
+            raise ValueError("target: a target class is used only with method 'grad'")
+        if isinstance(target, bool) or not isinstance(target, int):
+            raise TypeError(f"target: expected an int class index, got {target!r}")
+        num_classes = getattr(model, "num_classes", None)
+        if target < 0 or (isinstance(num_classes, int) and num_classes > 0 and target >= num_classes):
+            raise ValueError(f"target: class {target} is outside the model's classes [0, {num_classes})")
     device = torch.device(device)
     transform = create_transform(**data_config)
     explainer = AttentionRollout(model, head_fusion=head_fusion, discard_ratio=discard_ratio)
     names = class_names_of(model)
     result = RolloutJobResult(Path(out))
-    maps_all, cls_all, prob_all, shown = [], [], [], []
+    maps_all, cls_all, prob_all, target_all, shown = [], [], [], [], []
 
     def flush(batch, batch_files):
         x = torch.stack(batch).to(device)
-        maps, logits = explainer.explain(x)
+        if method == "grad":
+            maps, logits = explainer.explain_grad(x, target)
+        else:
+            maps, logits = explainer.explain(x)
         probs = logits.float().softmax(-1)
         p, c = probs.max(-1)
+        t = c if target is None else torch.full_like(c, target)
         maps_np = maps.cpu().numpy()
         imgs = denormalize(x, data_config["mean"], data_config["std"])
         for i, f in enumerate(batch_files):
             idx = len(result.files)
             label = names[c[i]] if names else str(int(c[i]))
+            if method == "grad":
+                label += f"; grad for {names[t[i]] if names else int(t[i])}"
             if overlays:
                 result.overlays.append(save_overlay(
                     imgs[i], maps_np[i], result.out / "overlays" / f"{idx:05d}_{Path(f).stem}.png",
@@ -132,6 +154,7 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
         maps_all.append(maps_np)
         cls_all.append(c.cpu().numpy())
         prob_all.append(p.cpu().numpy())
+        target_all.append(t.cpu().numpy())
 
     batch, batch_files = [], []
     for f in tqdm(list(files), desc="rollout", disable=not progress):
@@ -154,10 +177,12 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     result.out.mkdir(parents=True, exist_ok=True)
     classes = np.concatenate(cls_all).astype(np.int64)
     result.npz = result.out / "rollout.npz"
+    extra = {"target_class": np.concatenate(target_all).astype(np.int64)} if method == "grad" else {}
     np.savez(result.npz, maps=np.concatenate(maps_all).astype(np.float32),
              files=np.array(result.files), predicted_class=classes,
              probability=np.concatenate(prob_all).astype(np.float32),
-             predicted_label=np.array([names[c] if names else str(c) for c in classes]))
+             predicted_label=np.array([names[c] if names else str(c) for c in classes]),
+             method=np.array(method), **extra)
     result.grid = save_grid([s[0] for s in shown], [s[1] for s in shown], result.out / "grid.png",
                             titles=[s[2] for s in shown])
     return result

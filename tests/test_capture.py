@@ -1,5 +1,7 @@
 """Capture from timm ViTs (fused attention on) equals an explicit non-fused attention computation,
-and leaves the model exactly as it was."""
+and leaves the model exactly as it was. ``AttentionRollout`` runs its default capture ('auto': the
+fused-chunked path on the CPU, see test_fused_capture.py for every path); the per-head capture is the
+'qk-hooks' path."""
 
 from __future__ import annotations
 
@@ -115,6 +117,7 @@ def test_model_is_unchanged_after_calls():
     assert _hooks(model) == hooks
     assert [m.training for m in model.modules()] == flags
     assert [blk.attn.fused_attn for blk in model.blocks] == fused
+    assert torch._C._len_torch_function_stack() == 0  # the SDPA interception is gone
 
 
 def test_batch_of_one_equals_rows_of_batch():
