@@ -14,7 +14,7 @@ import torch
 from . import reference
 from .reference import RolloutArgs, check_rollout_args
 
-__all__ = ["BACKENDS", "attention_rollout", "available_backends"]
+__all__ = ["BACKENDS", "attention_rollout", "available_backends", "grad_attention_rollout"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
@@ -106,6 +106,52 @@ def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: f
     """
     args = check_rollout_args(attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
                               num_prefix_tokens=num_prefix_tokens, grid=grid, readout=readout,
-                              normalize=normalize, protect_prefix=protect_prefix)
+                              normalize=normalize, protect_prefix=protect_prefix, check_finite=False)
     run = _pick(backend, args.attentions.device)
+    # the C++ CPU kernel checks finiteness during its one read of the attention (and raises the same
+    # ValueError); every other backend gets the separate one-pass check first
+    if not (run is _BACKENDS.get("cpu", (None, None, None))[2] and args.attentions.device.type == "cpu") \
+            and not reference.all_finite(args.attentions):
+        raise ValueError("attentions: contains NaN or infinite values")
     return run(args)
+
+
+def grad_attention_rollout(attentions, gradients, *, discard_ratio: float = 0.0, num_prefix_tokens: int = 1,
+                           grid: tuple[int, int] | None = None, readout: str = "cls",
+                           normalize: str | None = "max", backend: str = "auto") -> torch.Tensor:
+    """Class-specific gradient rollout from attention and its gradient (REFERENCE.md section 2).
+
+    Per layer ``F_l = relu(mean over heads of A_l * G_l)`` (float32, computed here one layer at a time),
+    then the rollout of the fused ``F`` through the same backends as :func:`attention_rollout` (H = 1,
+    readout 'cls', ``F[b, 0, 0]`` not protected from the discard).
+
+    Args:
+        attentions: ``L`` tensors ``(B, H, N, N)`` or one ``(L, B, H, N, N)`` tensor of post-softmax
+            attention ``A_l`` (rows are queries, layers in forward order); float16/bfloat16/float32.
+        gradients: ``G_l = dy/dA_l`` for the target score y, same shape, device and layer order as
+            ``attentions`` (e.g. :func:`rollout_fast.capture.capture_attention_grad`).
+        discard_ratio, num_prefix_tokens, grid, normalize, backend: as :func:`attention_rollout`.
+        readout: 'cls' (the method's readout), 'mean' or 'full'.
+
+    Returns:
+        float32 ``(B, gh, gw)``, or ``(B, N, N)`` for readout 'full', on the input's device; equal to
+        :func:`rollout_fast.reference.grad_rollout`.
+
+    Raises:
+        TypeError, ValueError: bad arguments (each message names the argument): see
+            :func:`rollout_fast.reference.check_grad_rollout_args`; an unknown or unavailable backend.
+
+    Source: jacobgil/vit-explain's ``grad_rollout`` with its layer pairing fixed (layer l's attention
+    with layer l's gradient) and per-sample discard; Abnar & Zuidema 2020 for the rollout.
+    """
+    args, grads = reference.check_grad_rollout_args(
+        attentions, gradients, discard_ratio=discard_ratio, num_prefix_tokens=num_prefix_tokens, grid=grid,
+        readout=readout, normalize=normalize)
+    _pick(backend, args.attentions.device)  # an unknown backend fails before any work
+    L, B, _, N, _ = args.attentions.shape
+    fused = torch.empty((L, B, 1, N, N), dtype=torch.float32, device=args.attentions.device)
+    for layer in range(L):
+        fused[layer, :, 0] = reference.grad_fuse_heads(args.attentions[layer], grads[layer])
+    return attention_rollout(fused, head_fusion="mean", discard_ratio=args.discard_ratio,
+                             num_prefix_tokens=args.num_prefix_tokens, grid=args.grid, readout=args.readout,
+                             normalize=args.normalize, protect_prefix=False, backend=backend)

@@ -14,6 +14,10 @@ The steps follow section 1 of REFERENCE.md:
 5. readout      'cls': ``R[:, 0, P:]``; 'mean': mean over rows ``P..N-1`` of ``R[:, i, P:]``; 'full': R
 6. per-sample normalisation of the (B, gh, gw) map: 'max', 'minmax' or None (an all-zero map stays 0)
 
+Section 2 (class-specific gradient rollout, :func:`grad_rollout`): per layer
+``F_l = relu(mean over heads of A_l * G_l)`` with ``G_l = dy/dA_l``, then steps 2-6 with readout 'cls'
+and ``F_l[b, 0, 0]`` not protected from the discard.
+
 Everything is computed in float32 whatever the input dtype. Slow on purpose and obviously correct;
 this module imports nothing else from the package.
 """
@@ -31,10 +35,14 @@ __all__ = [
     "NORMALIZATIONS",
     "READOUTS",
     "RolloutArgs",
+    "all_finite",
     "attention_rollout",
+    "check_grad_rollout_args",
     "check_rollout_args",
     "discard_lowest",
     "fuse_heads",
+    "grad_fuse_heads",
+    "grad_rollout",
     "normalize_maps",
     "readout_map",
     "residual_normalize",
@@ -138,10 +146,17 @@ def check_rollout_args(attentions, *, head_fusion="mean", discard_ratio=0.0, num
         grid_t = (side, side)
     else:
         grid_t = _check_grid(grid, G, N, num_prefix_tokens)
-    if check_finite and not bool(torch.isfinite(att).all()):
+    if check_finite and not all_finite(att):
         raise ValueError("attentions: contains NaN or infinite values")
     return RolloutArgs(att, head_fusion, float(discard_ratio), num_prefix_tokens, grid_t, readout,
                        normalize, bool(protect_prefix))
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when ``x`` holds no NaN and no +-inf: one min/max pass (NaN propagates through both), about a
+    read of ``x``, where ``torch.isfinite(x).all()`` writes and reads a mask as large as ``x``."""
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _check_grid(grid, G: int, N: int, P: int) -> tuple[int, int]:
@@ -274,3 +289,91 @@ def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: f
     maps = readout_map(rollout, args.readout, args.num_prefix_tokens)
     maps = maps.reshape(maps.shape[0], *args.grid)
     return normalize_maps(maps, args.normalize)
+
+
+# --------------------------------------------------------------------- section 2: gradient rollout
+def grad_fuse_heads(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Gradient-weighted head fusion: (B, H, N, N) x2 -> float32 (B, N, N), ``relu(mean_h(A * G))``.
+
+    Negative entries (and -0.0) become +0.0, as vit-explain's ``fused[fused < 0] = 0`` up to the sign of
+    zero.
+    """
+    fused = (attention.float() * gradient.float()).mean(dim=1)
+    return torch.where(fused > 0, fused, torch.zeros_like(fused))
+
+
+def check_grad_rollout_args(attentions, gradients, *, discard_ratio=0.0, num_prefix_tokens=1, grid=None,
+                            readout="cls", normalize="max") -> tuple[RolloutArgs, torch.Tensor]:
+    """Validate the arguments of :func:`grad_rollout`; return the attention's :class:`RolloutArgs`
+    (head fusion 'mean', ``protect_prefix=False``) and the gradients as one (L, B, H, N, N) tensor.
+
+    Raises:
+        TypeError: ``gradients`` not a tensor / sequence of tensors, or not floating point; and the
+            errors of :func:`check_rollout_args` for ``attentions`` and the other arguments.
+        ValueError: ``gradients`` of another shape or device than ``attentions``, or non-finite.
+    """
+    args = check_rollout_args(attentions, head_fusion="mean", discard_ratio=discard_ratio,
+                              num_prefix_tokens=num_prefix_tokens, grid=grid, readout=readout,
+                              normalize=normalize, protect_prefix=False)
+    if isinstance(gradients, torch.Tensor):
+        grads = gradients
+    elif isinstance(gradients, Sequence) and not isinstance(gradients, (str, bytes)):
+        for i, g in enumerate(gradients):
+            if not isinstance(g, torch.Tensor):
+                raise TypeError(f"gradients[{i}]: expected a tensor, got {type(g).__name__}")
+            if g.shape != args.attentions.shape[1:]:
+                raise ValueError(f"gradients[{i}]: shape {tuple(g.shape)} differs from the attention's "
+                                 f"{tuple(args.attentions.shape[1:])}")
+            if g.device != args.attentions.device:
+                raise ValueError(f"gradients[{i}]: on {g.device}, attentions on {args.attentions.device}")
+        grads = torch.stack([g.to(gradients[0].dtype) for g in gradients]) if len(gradients) else None
+        if grads is None:
+            raise ValueError("gradients: the sequence is empty")
+    else:
+        raise TypeError("gradients: expected a tensor or a sequence (list/tuple) of tensors, got "
+                        f"{type(gradients).__name__}")
+    if not grads.is_floating_point():
+        raise TypeError(f"gradients: expected a floating-point dtype, got {grads.dtype}")
+    if grads.shape != args.attentions.shape:
+        raise ValueError(f"gradients: shape {tuple(grads.shape)} differs from attentions' "
+                         f"{tuple(args.attentions.shape)} (one gradient per attention, same layout)")
+    if grads.device != args.attentions.device:
+        raise ValueError(f"gradients: on {grads.device}, attentions on {args.attentions.device}")
+    if not bool(torch.isfinite(grads).all()):
+        raise ValueError("gradients: contains NaN or infinite values")
+    return args, grads
+
+
+def grad_rollout(attentions, gradients, *, discard_ratio: float = 0.0, num_prefix_tokens: int = 1,
+                 grid: tuple[int, int] | None = None, readout: str = "cls",
+                 normalize: str | None = "max") -> torch.Tensor:
+    """Class-specific gradient rollout (REFERENCE.md section 2), reference implementation.
+
+    Per layer ``F_l = relu(mean_h(A_l * G_l))`` (:func:`grad_fuse_heads`), then the discard (k = floor(r N^2)
+    per sample, ties kept, ``F_l[b, 0, 0]`` *not* protected, as in vit-explain's gradient variant), residual
+    and row normalisation, the product ``R = M_L ... M_1``, the readout and the per-sample normalisation
+    of :func:`attention_rollout`.
+
+    Args:
+        attentions: ``L`` tensors (B, H, N, N) or one (L, B, H, N, N): post-softmax attention ``A_l``, rows
+            are queries, layers in forward order; float16/bfloat16/float32/float64.
+        gradients: ``G_l = dy/dA_l`` in the same layout and layer order as ``attentions`` (layer ``l``'s
+            gradient beside layer ``l``'s attention; vit-explain pairs layer i with gradient L-1-i).
+        discard_ratio, num_prefix_tokens, grid, normalize: as :func:`attention_rollout`.
+        readout: 'cls' (the method's readout, default), 'mean' or 'full'.
+
+    Returns:
+        float32 (B, gh, gw) maps, or (B, N, N) for readout 'full'.
+
+    Raises:
+        TypeError, ValueError: see :func:`check_grad_rollout_args`.
+
+    Source: jacobgil/vit-explain ``grad_rollout`` (class-specific rollout), after Abnar & Zuidema 2020.
+    """
+    args, grads = check_grad_rollout_args(attentions, gradients, discard_ratio=discard_ratio,
+                                          num_prefix_tokens=num_prefix_tokens, grid=grid, readout=readout,
+                                          normalize=normalize)
+    fused = torch.stack([grad_fuse_heads(a, g) for a, g in zip(args.attentions, grads)])
+    return attention_rollout(fused.unsqueeze(2), head_fusion="mean", discard_ratio=args.discard_ratio,
+                             num_prefix_tokens=args.num_prefix_tokens, grid=args.grid, readout=args.readout,
+                             normalize=args.normalize, protect_prefix=False)

@@ -213,3 +213,12 @@ def test_bad_attention_inputs():
     bad[0, 0, 1, 2, 3] = float("inf")
     with pytest.raises(ValueError, match="attentions"):
         reference.attention_rollout(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_all_finite_finds_each_kind_of_non_finite_value(dtype, bad):
+    x = torch.rand(2, 3, 4, 5, 5).to(dtype).transpose(-1, -2)  # non-contiguous too
+    if bad is not None:
+        x[1, 2, 3, 4, 0] = bad
+    assert reference.all_finite(x) is (bad is None)
