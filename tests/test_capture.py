@@ -5,12 +5,11 @@ fused-chunked path on the CPU, see test_fused_capture.py for every path); the pe
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import timm
 import torch
 from torch import nn
+from vit_testing import explicit_attention, peaky_vit
 
 from rollout_fast import AttentionRollout, reference
 from rollout_fast.capture import UnsupportedModelError, capture_attention, token_layout
@@ -37,24 +36,7 @@ ARCHS = {
 
 def _build(name):
     builder, size, P, grid = ARCHS[name]
-    torch.manual_seed(1)
-    model = builder()
-    with torch.no_grad():  # peakier attention than timm's init, so rollout maps are far from uniform
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(8.0)
-    return model.eval(), size, P, grid
-
-
-def _explicit_attention(model, images):
-    """Per-head attention from a deep copy running timm's non-fused path, hooked at attn_drop."""
-    twin = copy.deepcopy(model).eval()
-    probs = []
-    for blk in twin.blocks:
-        blk.attn.fused_attn = False
-        blk.attn.attn_drop.register_forward_hook(lambda m, i, o: probs.append(o.detach()))
-    with torch.no_grad():
-        logits = twin(images)
-    return logits, torch.stack(probs)
+    return peaky_vit(builder), size, P, grid
 
 
 def _hooks(model):
@@ -64,13 +46,13 @@ def _hooks(model):
 
 @pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("head_fusion,discard", [("mean", 0.0), ("max", 0.9), ("min", 0.5)])
-def test_captured_rollout_equals_explicit_attention(name, head_fusion, discard):
+def test_captured_rollout_equalsexplicit_attention(name, head_fusion, discard):
     model, (H, W), P, grid = _build(name)
     images = torch.randn(3, 3, H, W)
     layout = token_layout(model, (H, W))
     assert (layout.num_prefix_tokens, layout.grid) == (P, grid)
 
-    logits_ref, att = _explicit_attention(model, images)
+    logits_ref, att = explicit_attention(model, images)
     readout = "cls" if model.cls_token is not None else "mean"
     want = reference.attention_rollout(att, head_fusion=head_fusion, discard_ratio=discard,
                                        num_prefix_tokens=P, grid=grid, readout=readout)
@@ -84,10 +66,10 @@ def test_captured_rollout_equals_explicit_attention(name, head_fusion, discard):
         assert maps.std() > 0.01  # maps are informative, not uniform
 
 
-def test_per_head_capture_equals_explicit_attention():
+def test_per_head_capture_equalsexplicit_attention():
     model, (H, W), _, _ = _build("qknorm_layerscale")
     images = torch.randn(2, 3, H, W)
-    _, want = _explicit_attention(model, images)
+    _, want = explicit_attention(model, images)
     _, got = capture_attention(model, images, head_fusion=None)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 

@@ -28,6 +28,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from vit_testing import explicit_attention, peaky_vit
 
 from rollout_fast import AttentionRollout, reference
 from rollout_fast import fused_attention as fa
@@ -187,7 +188,7 @@ def test_triton_capture_in_a_model(triton_device):
     explainer = AttentionRollout(model, head_fusion="max", discard_ratio=0.5, capture="fused-triton")
     maps, logits = explainer.explain(images)
     assert explainer.info["last_capture"] == "fused-triton"
-    logits_ref, att = _explicit_attention(model.cpu(), images.cpu())
+    logits_ref, att = explicit_attention(model.cpu(), images.cpu())
     want = reference.attention_rollout(att, head_fusion="max", discard_ratio=0.5, num_prefix_tokens=P, grid=grid)
     torch.testing.assert_close(maps.cpu(), want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits.cpu(), logits_ref, rtol=1e-4, atol=1e-4)
@@ -253,33 +254,16 @@ ARCHS = {
 
 def _build(name):
     builder, size, P, grid = ARCHS[name]
-    torch.manual_seed(1)
-    model = builder()
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(8.0)
-    return model.eval(), size, P, grid
-
-
-def _explicit_attention(model, images):
-    """Per-head attention from a deep copy running timm's non-fused path, hooked at attn_drop."""
-    twin = copy.deepcopy(model).eval()
-    probs = []
-    for blk in twin.blocks:
-        blk.attn.fused_attn = False
-        blk.attn.attn_drop.register_forward_hook(lambda m, i, o: probs.append(o.detach()))
-    with torch.no_grad():
-        logits = twin(images)
-    return logits, torch.stack(probs)
+    return peaky_vit(builder), size, P, grid
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("capture", ["auto", "fused-chunked", "qk-hooks"])
 @pytest.mark.parametrize("head_fusion, discard", [("mean", 0.0), ("min", 0.9)])
-def test_capture_paths_equal_explicit_attention(name, capture, head_fusion, discard):
+def test_capture_paths_equalexplicit_attention(name, capture, head_fusion, discard):
     model, (H, W), P, grid = _build(name)
     images = torch.randn(3, 3, H, W)
-    _, att = _explicit_attention(model, images)
+    _, att = explicit_attention(model, images)
     readout = "cls" if model.cls_token is not None else "mean"
     want = reference.attention_rollout(att, head_fusion=head_fusion, discard_ratio=discard, num_prefix_tokens=P,
                                        grid=grid, readout=readout)

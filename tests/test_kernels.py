@@ -492,6 +492,19 @@ def test_cpu_backend_finds_non_finite_values_itself(bad, dtype):
 
 
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
+def test_cuda_kernels_were_compiled_where_a_toolkit_exists():
+    """CI has nvcc but no GPU: the CUDA kernels must still be compiled and linked into the extension (so a
+    CUDA compile error fails CI), unless the build was told to skip them."""
+    import shutil
+
+    if shutil.which("nvcc") is None and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        pytest.skip("no CUDA toolkit on this machine (no nvcc on PATH, CUDA_HOME unset)")
+    if os.environ.get("ROLLOUT_FAST_NO_CUDA", "") not in ("", "0"):
+        pytest.skip("ROLLOUT_FAST_NO_CUDA is set: the CPU-only build was asked for")
+    assert _ext.cuda_built(), "a CUDA toolkit is installed but rollout_fast._C was built without CUDA kernels"
+
+
+@pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 def test_auto_never_picks_the_triton_interpreter(monkeypatch):
     """With TRITON_INTERPRET=1 (tests, debugging) 'triton' is available on CPU tensors, but 'auto' takes
     the compiled CPU kernel: the interpreter is orders of magnitude slower."""
