@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def _seed_and_precision():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """Where the Triton kernels run in a test: 'cuda', else 'cpu' through Triton's interpreter (set up
+    above, before triton's first import); skips without Triton."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (pip install '.[triton]')")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (it must be set before triton is imported)")
+    return "cpu"
 
 
 @pytest.fixture

@@ -127,21 +127,6 @@ def test_bad_arguments(call, exc, match):
 
 
 # --------------------------------------------------------------------------------------- Triton kernel
-@pytest.fixture
-def triton_device(monkeypatch):
-    """CUDA, else the CPU through Triton's interpreter (TRITON_INTERPRET=1 only while the test runs; the
-    kernel is built for the interpreter on its first use in this process)."""
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed (pip install '.[triton]')")
-    if HAS_GPU:
-        return "cuda"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if not fa.triton_interpreted():
-        pytest.skip("the Triton kernel was already built for the GPU in this process; run in a fresh "
-                    "process with TRITON_INTERPRET=1")
-    return "cpu"
-
-
 TRITON_CASES = [  # (B, H, N, D, head_fusion, dtype, block_n: None one pass / 16 two passes)
     (1, 1, 5, 8, "mean", torch.float32, None),
     (2, 3, 17, 16, "max", torch.float32, None),

@@ -129,24 +129,6 @@ def rollout_kwargs(case):
                 normalize=norm)
 
 
-@pytest.fixture
-def triton_device(monkeypatch):
-    """Where the Triton kernels run: CUDA, else the CPU through the interpreter (conftest.py sets
-    TRITON_INTERPRET=1 before triton is first imported when there is no GPU; "auto" never picks the
-    interpreter, see test_auto_never_picks_the_triton_interpreter)."""
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed (pip install '.[triton]')")
-    if HAS_GPU:
-        return "cuda"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from rollout_fast import triton as rt
-
-    if not rt.interpreted():
-        pytest.skip("the Triton kernels were already built for the GPU in this process; run the Triton "
-                    "tests in a fresh process with TRITON_INTERPRET=1")
-    return "cpu"
-
-
 # --------------------------------------------------------------------------- equality with the reference
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
