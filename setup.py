@@ -64,11 +64,11 @@ def _extensions():
     opt = ["-O0", "-g"] if _flag("ROLLOUT_FAST_DEBUG") else ["-O3"]
     # no FMA contraction: the baseline and AVX2 builds of the CPU kernel give the same bits
     cxx = [*opt, "-fvisibility=hidden", "-ffp-contract=off"]
-    sources = ["csrc/module.cpp", "csrc/rollout_cpu.cpp"]
+    sources = ["csrc/module.cpp", "csrc/rollout_cpu.cpp", "csrc/gather_cpu.cpp"]
     if cuda_home:
         ext = CUDAExtension(
             "rollout_fast._C",
-            sources + ["csrc/rollout_cuda.cpp", "csrc/rollout_cuda_kernels.cu"],
+            sources + ["csrc/rollout_cuda.cpp", "csrc/rollout_cuda_kernels.cu", "csrc/gather_cuda.cu"],
             include_dirs=[os.path.abspath("csrc")],
             define_macros=[("ROLLOUT_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": [*opt, "-lineinfo"]},

@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_eval_teacher)
+
+    from .prune import add_prune_eval_parser
+
+    add_prune_eval_parser(sub)  # prune-eval: top-1 and throughput of token-pruned inference
     return p
 
 
