@@ -207,7 +207,7 @@ def write_results(path: Path, rows: list[dict], args, note: str) -> None:
     ]
     if note:
         head += [f"Note: {note}", ""]
-    path.write_text("\n".join(head) + table(rows) + "\n")
+    path.write_text("\n".join(head) + "\n" + table(rows) + "\n")
 
 
 def append_csv(path: Path, rows: list[dict], args) -> None:
