@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import setup
 
@@ -64,6 +65,12 @@ def _extensions():
     opt = ["-O0", "-g"] if _flag("ROLLOUT_FAST_DEBUG") else ["-O3"]
     # no FMA contraction: the baseline and AVX2 builds of the CPU kernel give the same bits
     cxx = [*opt, "-fvisibility=hidden", "-ffp-contract=off"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs in parallel only where _OPENMP is defined (ATen/ParallelOpenMP.h): without
+        # -fopenmp every CPU kernel runs on one thread. The loader reuses the libgomp.so.1 torch loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     sources = ["csrc/module.cpp", "csrc/rollout_cpu.cpp", "csrc/gather_cpu.cpp"]
     if cuda_home:
         ext = CUDAExtension(
@@ -72,10 +79,11 @@ def _extensions():
             include_dirs=[os.path.abspath("csrc")],
             define_macros=[("ROLLOUT_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": [*opt, "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
         ext = CppExtension("rollout_fast._C", sources, include_dirs=[os.path.abspath("csrc")],
-                           extra_compile_args={"cxx": cxx})
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
