@@ -130,6 +130,41 @@ bool fuse_row(const T* a_typed, int64_t sH, int64_t H, int64_t N, float* __restr
   return bad == 0 && finite;
 }
 
+// f[0..n) = head fusion of a[h * sH + e] for a contiguous run of n elements (e.g. a whole (N, N) matrix
+// with unit row stride), heads outermost over chunks of kFuseChunk elements: each head's chunk is one
+// sequential read and the chunk of f stays in L1. Same values as fuse_row (heads combined in order
+// h = 0..H-1, 'mean' divided at the end), so every schedule gives the same bits. False on NaN/inf.
+constexpr int64_t kFuseChunk = 2048;
+
+template <typename T, int FUSION>
+bool fuse_run(const T* a_typed, int64_t sH, int64_t H, int64_t n, float* __restrict__ f) {
+  using R = typename Raw<T>::type;
+  const R* a = reinterpret_cast<const R*>(a_typed);
+  int bad = 0;  // integer OR reduction: vectorises
+  for (int64_t c0 = 0; c0 < n; c0 += kFuseChunk) {
+    const int64_t len = std::min(kFuseChunk, n - c0);
+    float* __restrict__ fc = f + c0;
+    const R* __restrict__ a0 = a + c0;
+    for (int64_t j = 0; j < len; ++j) {
+      const float x = raw_to_float<T>(a0[j]);
+      fc[j] = fusion_first(x);
+      bad |= is_finite_value(x) ? 0 : 1;
+    }
+    for (int64_t h = 1; h < H; ++h) {
+      const R* __restrict__ ah = a + h * sH + c0;
+      for (int64_t j = 0; j < len; ++j) {
+        const float x = raw_to_float<T>(ah[j]);
+        fc[j] = fusion_combine(FUSION, fc[j], x);
+        bad |= is_finite_value(x) ? 0 : 1;
+      }
+    }
+    if (FUSION == kFusionMean) {
+      for (int64_t j = 0; j < len; ++j) fc[j] = fusion_finish(FUSION, fc[j], H);
+    }
+  }
+  return bad == 0;
+}
+
 // Sum of a row in a fixed order (8 interleaved partial sums, then a fixed tree).
 inline float row_sum(const float* __restrict__ x, int64_t n) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -377,7 +412,11 @@ struct Kernel {
         for (int64_t l = p.L - 1; l >= 0; --l) {
           const T* a = base(l, b);
           bool ok = true;
-          for (int64_t i = 0; i < N; ++i) ok &= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, N, F.data() + i * N);
+          if (p.sI == N) {  // rows contiguous: the whole (N, N) matrix is one run per head
+            ok = fuse_run<T, FUSION>(a, p.sH, p.H, NN, F.data());
+          } else {
+            for (int64_t i = 0; i < N; ++i) ok &= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, N, F.data() + i * N);
+          }
           if (!ok) {
             finite.store(false, std::memory_order_relaxed);
             return;
