@@ -353,14 +353,27 @@ struct Kernel {
     const int64_t N = p.N, NN = N * N, LB = p.L * p.B;
     const int64_t fuse_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.H * N));
     std::atomic<bool> finite{true};
-    at::parallel_for(0, LB * N, fuse_grain, [&](int64_t r0, int64_t r1) {
-      bool ok = true;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t lb = r / N, i = r % N;
-        ok &= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + i * p.sI, p.sH, p.H, N, M + lb * NN + i * N);
-      }
-      if (!ok) finite.store(false, std::memory_order_relaxed);
-    });
+    if (p.sI == N) {  // rows contiguous: parallel over (layer, sample, chunk) runs, heads outermost
+      const int64_t chunks = (NN + kFuseChunk - 1) / kFuseChunk;
+      at::parallel_for(0, LB * chunks, 1, [&](int64_t u0, int64_t u1) {
+        bool ok = true;
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t lb = u / chunks, c0 = (u % chunks) * kFuseChunk;
+          ok &= fuse_run<T, FUSION>(base(lb / p.B, lb % p.B) + c0, p.sH, p.H, std::min(kFuseChunk, NN - c0),
+                                    M + lb * NN + c0);
+        }
+        if (!ok) finite.store(false, std::memory_order_relaxed);
+      });
+    } else {
+      at::parallel_for(0, LB * N, fuse_grain, [&](int64_t r0, int64_t r1) {
+        bool ok = true;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t lb = r / N, i = r % N;
+          ok &= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + i * p.sI, p.sH, p.H, N, M + lb * NN + i * N);
+        }
+        if (!ok) finite.store(false, std::memory_order_relaxed);
+      });
+    }
     if (!finite.load()) return false;
     std::vector<float> thresh(LB, kNoThreshold);
     if (p.k >= 1) {
