@@ -21,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	@test -d $(SHARED)/data/cifar10/test || { echo "make demo: $(SHARED)/data/cifar10/test not found (set SHARED=/path/to/shared)"; exit 1; }
-	$(VENV)/bin/rollout-fast rollout $(wildcard $(SHARED)/data/cifar10/test/*/000[0-1].jpg) --out $(DEMO_OUT)
+	$(VENV)/bin/rollout-fast rollout $(wildcard $(SHARED)/data/cifar10/test/*/000[0-1].jpg) --student --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

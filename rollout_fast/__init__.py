@@ -7,6 +7,7 @@ Public API:
     AttentionRollout         rollout maps straight from a timm ViT and a batch of images (fused attention
                              capture; ``.grad_rollout(images, targets)`` for gradient rollout)
     load_teacher             the embedded CIFAR-10 teacher, any timm model, or a local checkpoint
+    load_student             the shipped student of the embedded teacher (predicts its rollout from a thumbnail)
     prune_tokens             a ViT that runs its blocks on the prefix tokens + the top-scored patch tokens
     topk_gather              the fused top-k token gather behind prune_tokens
 """
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 from .ops import attention_rollout, available_backends, grad_attention_rollout  # noqa: E402
 
 __all__ = ["attention_rollout", "available_backends", "grad_attention_rollout", "AttentionRollout",
-           "load_teacher", "prune_tokens", "topk_gather", "__version__"]
+           "load_teacher", "load_student", "prune_tokens", "topk_gather", "__version__"]
 
 
 def __getattr__(name):  # lazy: importing the op must not import timm
@@ -28,6 +29,9 @@ def __getattr__(name):  # lazy: importing the op must not import timm
     if name == "load_teacher":
         from .zoo import load_teacher
         return load_teacher
+    if name == "load_student":
+        from .students import load_student
+        return load_student
     if name == "prune_tokens":
         from .prune import prune_tokens
         return prune_tokens

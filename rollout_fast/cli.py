@@ -57,11 +57,17 @@ def _cmd_rollout(args) -> int:
         return 1
     model, data_config = _load(args)
     try:
+        student = None
+        if args.student is not None:
+            from .students import load_student
+
+            student, _ = load_student(args.model if args.student == "auto" else args.student)
         res = rollout_images(files, args.out, model, data_config, head_fusion=args.head_fusion,
                              discard_ratio=args.discard_ratio, batch_size=args.batch_size,
                              device=_device(args.device), progress=not args.no_progress,
-                             overlays=not args.no_overlays, method=args.method, target=args.target)
-    except ValueError as e:
+                             overlays=not args.no_overlays, method=args.method, target=args.target,
+                             student=student)
+    except (ValueError, FileNotFoundError) as e:
         print(f"rollout-fast rollout: {e}", file=sys.stderr)
         return 1
     what = "gradient rollout" if args.method == "grad" else "rollout"
@@ -121,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean",
                    help="head fusion of --method attention (grad rollout fuses heads by mean(A * dA))")
     r.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1)")
+    r.add_argument("--student", nargs="?", const="auto", default=None, metavar="NAME_OR_PATH",
+                   help="also draw a student's predicted map (default: the shipped student of --model)")
     r.add_argument("--no-overlays", action="store_true", help="write only rollout.npz and grid.png")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_rollout)
@@ -131,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_eval_teacher)
 
+    from .distill import add_distill_parser
     from .prune import add_prune_eval_parser
 
+    add_distill_parser(sub)  # distill: train a student to predict the teacher's rollout
     add_prune_eval_parser(sub)  # prune-eval: top-1 and throughput of token-pruned inference
     return p
 

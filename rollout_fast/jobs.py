@@ -82,7 +82,8 @@ def _load_rgb(path: Path):
 def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, model: torch.nn.Module,
                    data_config: dict, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
-                   overlays: bool = True, method: str = "attention", target: int | None = None) -> RolloutJobResult:
+                   overlays: bool = True, method: str = "attention", target: int | None = None,
+                   student: torch.nn.Module | None = None) -> RolloutJobResult:
     """Attention rollout over image files; write overlays, ``rollout.npz`` and ``grid.png`` to ``out``.
 
     Each file is read with PIL (any size and mode, converted to RGB) and passed through timm's eval
@@ -91,13 +92,15 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
 
     ``method``: 'attention' (attention rollout, ``head_fusion``) or 'grad' (class-specific gradient
     rollout, REFERENCE.md section 2, for class ``target``; default each image's predicted class).
+    ``student``: a :class:`rollout_fast.students.RolloutStudent` of this teacher; its predicted maps (from
+    the same input batch) are saved as ``student_maps`` and drawn beside the rollout in ``grid.png``.
 
     Writes:
         ``out/overlays/NNNNN_<name>.png``: the model input with the rollout heatmap and a colour bar;
         ``out/rollout.npz``: ``maps`` float32 (num_images, gh, gw), ``files``, ``predicted_class``
         int64, ``probability`` float32, ``predicted_label``, ``method``; for 'grad' also
         ``target_class`` int64 (the class each map explains);
-        ``out/grid.png``: rows of input | rollout (first 16 images).
+        ``out/grid.png``: rows of input | rollout (| student) (first 16 images).
 
     Raises:
         ValueError: ``batch_size`` < 1, unknown ``method``, ``target`` given without method 'grad' or
@@ -124,6 +127,14 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     device = torch.device(device)
     transform = create_transform(**data_config)
     explainer = AttentionRollout(model, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    if student is not None:
+        from .capture import token_layout
+        from .students import check_student_grid
+
+        size = tuple(int(v) for v in data_config["input_size"][-2:])
+        check_student_grid(student, token_layout(model, size).grid, size)
+        student = student.to(device).eval()
+    student_all: list[np.ndarray] = []
     names = class_names_of(model)
     result = RolloutJobResult(Path(out))
     maps_all, cls_all, prob_all, target_all, shown = [], [], [], [], []
@@ -138,6 +149,9 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
         p, c = probs.max(-1)
         t = c if target is None else torch.full_like(c, target)
         maps_np = maps.cpu().numpy()
+        if student is not None:
+            with torch.no_grad():
+                student_all.append(student.maps(x).float().cpu().numpy())
         imgs = denormalize(x, data_config["mean"], data_config["std"])
         for i, f in enumerate(batch_files):
             idx = len(result.files)
@@ -178,13 +192,17 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     classes = np.concatenate(cls_all).astype(np.int64)
     result.npz = result.out / "rollout.npz"
     extra = {"target_class": np.concatenate(target_all).astype(np.int64)} if method == "grad" else {}
+    columns = []
+    if student is not None:
+        extra["student_maps"] = np.concatenate(student_all).astype(np.float32)
+        columns = [("student", list(extra["student_maps"][:len(shown)]))]
     np.savez(result.npz, maps=np.concatenate(maps_all).astype(np.float32),
              files=np.array(result.files), predicted_class=classes,
              probability=np.concatenate(prob_all).astype(np.float32),
              predicted_label=np.array([names[c] if names else str(c) for c in classes]),
              method=np.array(method), **extra)
     result.grid = save_grid([s[0] for s in shown], [s[1] for s in shown], result.out / "grid.png",
-                            titles=[s[2] for s in shown])
+                            titles=[s[2] for s in shown], extra=columns)
     return result
 
 

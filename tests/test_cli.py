@@ -71,3 +71,25 @@ def test_eval_teacher_prints_top1(cifar10_test, tmp_path):
 def test_info_lists_backends_and_teacher():
     res = subprocess.run([sys.executable, "-m", "rollout_fast.info"], capture_output=True, text=True, check=True)
     assert "backends:" in res.stdout and "reference" in res.stdout and "cifar10-vit" in res.stdout
+
+
+@pytest.mark.slow
+def test_rollout_command_draws_the_shipped_student(cifar10_test, tmp_path):
+    files = [str(cifar10_test / c / "0000.jpg") for c in ("cat", "ship")]
+    out = tmp_path / "out"
+    assert main(["rollout", *files, "--out", str(out), "--student", "--no-progress", "--no-overlays"]) == 0
+    data = np.load(out / "rollout.npz")
+    assert data["student_maps"].shape == data["maps"].shape == (2, 8, 8)
+    assert np.isfinite(data["student_maps"]).all()
+    np.testing.assert_allclose(data["student_maps"].max(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert np.corrcoef(data["student_maps"].ravel(), data["maps"].ravel())[0, 1] > 0.5
+
+
+def test_rollout_command_rejects_a_student_of_another_grid(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(img)
+    code = main(["rollout", str(img), "--out", str(tmp_path / "o"), "--model", "vit_tiny_patch16_224",
+                 "--student", "cifar10-vit", "--no-progress"])
+    assert code == 1
+    assert "grid" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "rollout.npz").exists()
