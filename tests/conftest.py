@@ -45,6 +45,24 @@ def triton_device() -> str:
     return "cpu"
 
 
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory):
+    """A tiny random-pixel CIFAR-like ImageFolder root: train/ (4 per class) and test/ (2 per class),
+    10 classes of 32 x 32 PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def cifar10_test() -> Path:
     """The real CIFAR-10 test split in ../shared (skips where ../shared is absent)."""

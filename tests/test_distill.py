@@ -11,33 +11,25 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rollout_fast.checkpoint import load_training_state, load_weights, save_weights, write_json
-from rollout_fast.distill import (DistillConfig, add_distill_parser, config_from_args, distill, distill_loss,
-                                  run_distill, view_params)
+from rollout_fast.distill import (
+    DistillConfig,
+    add_distill_parser,
+    config_from_args,
+    distill,
+    distill_loss,
+    run_distill,
+    view_params,
+)
 from rollout_fast.students import load_student
 from rollout_fast.teacher import teacher_data_config
 
 TINY_ARCH = {"img_size": 32, "patch_size": 4, "num_classes": 10, "embed_dim": 32, "depth": 1, "num_heads": 2,
              "embed_layer": {"name": "conv_stem", "convs_per_stage": 1}}
 VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_cifar")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for c in range(10):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +78,8 @@ def test_views_are_deterministic_and_view0_is_identity():
     assert not torch.equal(a[0], view_params(3, 1, 100, 4, True)[0])
 
 
-def test_tiny_run_writes_a_loadable_student_card_and_metrics(tiny_data, tiny_teacher, tmp_path):
-    metrics = distill(tiny_data, tmp_path / "run", cfg(tiny_teacher, cache_targets=True, views=2,
+def test_tiny_run_writes_a_loadable_student_card_and_metrics(tiny_cifar, tiny_teacher, tmp_path):
+    metrics = distill(tiny_cifar, tmp_path / "run", cfg(tiny_teacher, cache_targets=True, views=2,
                                                          student="resnet-cifar", loss="bce",
                                                          student_options={"channels": [8, 8, 8, 8],
                                                                           "head_width": 8}),
@@ -115,15 +107,15 @@ def test_tiny_run_writes_a_loadable_student_card_and_metrics(tiny_data, tiny_tea
         assert torch.equal(v, state["model"][k]), k
 
 
-def test_cached_targets_are_the_teachers_rollout_of_the_augmented_images(tiny_data, tiny_teacher, tmp_path):
+def test_cached_targets_are_the_teachers_rollout_of_the_augmented_images(tiny_cifar, tiny_teacher, tmp_path):
     from rollout_fast import AttentionRollout, load_teacher
     from rollout_fast.distill import _Normalizer, load_split_tensor
 
     c = cfg(tiny_teacher, cache_targets=True, views=2, head_epochs=0, epochs=1, head_fusion="max",
             discard_ratio=0.5)
-    distill(tiny_data, tmp_path / "run", c, device="cpu", progress=False)
+    distill(tiny_cifar, tmp_path / "run", c, device="cpu", progress=False)
     teacher, dc = load_teacher(tiny_teacher)
-    images, _, _ = load_split_tensor(tiny_data / "train", (32, 32))
+    images, _, _ = load_split_tensor(tiny_cifar / "train", (32, 32))
     params = view_params(0, 1, len(images), c.max_shift, c.flip)
     want = AttentionRollout(teacher, head_fusion="max", discard_ratio=0.5)(
         _Normalizer(dc["mean"], dc["std"], "cpu")(images, *params))
@@ -131,9 +123,9 @@ def test_cached_targets_are_the_teachers_rollout_of_the_augmented_images(tiny_da
     assert any(m.shape == want.shape and torch.allclose(m, want, atol=1e-6) for m in cached)
 
 
-def test_interrupted_run_resumes_bit_exactly(tiny_data, tiny_teacher, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_bit_exactly(tiny_cifar, tiny_teacher, tmp_path, monkeypatch):
     c = cfg(tiny_teacher, strategy="mask", head_epochs=0, epochs=2)  # mask: training draws random tokens
-    distill(tiny_data, tmp_path / "full", c, device="cpu", progress=False)
+    distill(tiny_cifar, tmp_path / "full", c, device="cpu", progress=False)
 
     class Stop(Exception):
         pass
@@ -148,10 +140,10 @@ def test_interrupted_run_resumes_bit_exactly(tiny_data, tiny_teacher, tmp_path, 
 
     monkeypatch.setattr(mod, "save_training_state", save_then_stop)
     with pytest.raises(Stop):
-        distill(tiny_data, tmp_path / "part", c, device="cpu", progress=False)
+        distill(tiny_cifar, tmp_path / "part", c, device="cpu", progress=False)
     monkeypatch.setattr(mod, "save_training_state", real)
     assert load_training_state(tmp_path / "part" / "last.pt")["epoch"] == 1
-    distill(tiny_data, tmp_path / "part", c, device="cpu", progress=False, resume=True)
+    distill(tiny_cifar, tmp_path / "part", c, device="cpu", progress=False, resume=True)
     got = load_training_state(tmp_path / "part" / "last.pt")["model"]
     want = load_training_state(tmp_path / "full" / "last.pt")["model"]
     for k, v in want.items():
@@ -159,17 +151,17 @@ def test_interrupted_run_resumes_bit_exactly(tiny_data, tiny_teacher, tmp_path, 
     assert len((tmp_path / "part" / "log.csv").read_text().strip().splitlines()) == 3
 
 
-def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_data, tiny_teacher, tmp_path):
+def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_cifar, tiny_teacher, tmp_path):
     c = cfg(tiny_teacher)
     with pytest.raises(FileNotFoundError, match="resume"):
-        distill(tiny_data, tmp_path / "none", c, progress=False, resume=True)
+        distill(tiny_cifar, tmp_path / "none", c, progress=False, resume=True)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "last.pt").write_bytes(b"truncated garbage")
     with pytest.raises(ValueError, match="corrupt"):
-        distill(tiny_data, bad, c, progress=False, resume=True)
+        distill(tiny_cifar, bad, c, progress=False, resume=True)
     with pytest.raises(FileExistsError, match="resume"):
-        distill(tiny_data, bad, c, progress=False)
+        distill(tiny_cifar, bad, c, progress=False)
     assert (bad / "last.pt").read_bytes() == b"truncated garbage" and sorted(os.listdir(bad)) == ["last.pt"]
     with pytest.raises(FileNotFoundError, match="data"):
         distill(tmp_path / "missing", tmp_path / "x", c, progress=False)
@@ -179,18 +171,18 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_data, tiny_teacher
     with pytest.raises(ValueError, match="data"):
         distill(empty, tmp_path / "x", c, progress=False)
     with pytest.raises(ValueError, match="strategy"):
-        distill(tiny_data, tmp_path / "x", cfg(tiny_teacher, student="resnet-cifar", strategy="mask"), progress=False)
+        distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, student="resnet-cifar", strategy="mask"), progress=False)
     with pytest.raises(ValueError, match="batch_size"):
-        distill(tiny_data, tmp_path / "x", cfg(tiny_teacher, batch_size=0), progress=False)
+        distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, batch_size=0), progress=False)
     with pytest.raises(ValueError, match="loss"):
-        distill(tiny_data, tmp_path / "x", cfg(tiny_teacher, loss="l2"), progress=False)
+        distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, loss="l2"), progress=False)
 
 
-def test_cli_subcommand(tiny_data, tiny_teacher, tmp_path, capsys):
+def test_cli_subcommand(tiny_cifar, tiny_teacher, tmp_path, capsys):
     p = argparse.ArgumentParser()
     add_distill_parser(p.add_subparsers(dest="command"))
     args = p.parse_args(["distill", "--teacher", tiny_teacher, "--student", "vit-tiny", "--strategy", "mask",
-                         "--factor", "2", "--data", str(tiny_data), "--out", str(tmp_path / "o"),
+                         "--factor", "2", "--data", str(tiny_cifar), "--out", str(tmp_path / "o"),
                          "--loss", "mse", "--head-fusion", "max", "--discard-ratio", "0.9", "--cache-targets",
                          "--student-option", "depth=1", "--student-option", "embed_dim=32"])
     c = config_from_args(args)
@@ -202,9 +194,9 @@ def test_cli_subcommand(tiny_data, tiny_teacher, tmp_path, capsys):
     assert "data" in capsys.readouterr().err
 
 
-def test_two_gloo_processes_train_the_same_model_as_one(tiny_data, tiny_teacher, tmp_path):
+def test_two_gloo_processes_train_the_same_model_as_one(tiny_cifar, tiny_teacher, tmp_path):
     common = ["--teacher", tiny_teacher, "--student", "vit-tiny", "--strategy", "lowres", "--factor", "2",
-              "--data", str(tiny_data), "--batch-size", "8", "--head-epochs", "1", "--epochs", "1",
+              "--data", str(tiny_cifar), "--batch-size", "8", "--head-epochs", "1", "--epochs", "1",
               "--val-images", "4", "--workers", "0", "--device", "cpu", "--no-amp", "--no-progress",
               "--cache-dir", str(tmp_path / "cache"), "--student-option", "depth=1",
               "--student-option", "embed_dim=32", "--student-option", "num_heads=2"]

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rollout_fast import load_teacher
 from rollout_fast.checkpoint import load_training_state
@@ -16,19 +14,6 @@ from rollout_fast.teacher import TeacherConfig, train_teacher
 
 TINY_ARCH = {"img_size": 32, "patch_size": 4, "num_classes": 10, "embed_dim": 32, "depth": 1, "num_heads": 2,
              "embed_layer": {"name": "conv_stem", "convs_per_stage": 1}}
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_cifar")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for c in range(10):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 def _cfg(epochs):
