@@ -7,7 +7,7 @@ pruned model, scorer included, at batch 1 and 256. Writes results.csv / results.
 README table), throughput.csv and prune_top1.png (the seeds' chart on our teacher).
 
     python python/prune_eval.py --data ../shared/data/cifar10/test --out runs/prune
-    python python/prune_eval.py --scorers random,rollout,cls-attention,student   # once a student is shipped
+    python python/prune_eval.py --scorers random,cls-attention   # a subset
 
 Extra arguments are passed to ``rollout-fast prune-eval`` as they are (e.g. ``--limit 2000``).
 """
@@ -24,7 +24,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/cifar10/test")
     p.add_argument("--out", default="runs/prune")
-    p.add_argument("--scorers", default="random,rollout,cls-attention")
+    p.add_argument("--scorers", default="random,rollout,cls-attention,student")
     p.add_argument("--keep", default="1.0,0.9,0.75,0.5,0.4,0.25,0.1")
     args, extra = p.parse_known_args()
 
