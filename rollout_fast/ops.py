@@ -8,6 +8,7 @@ themselves in ``_BACKENDS`` with the same calling convention.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -26,10 +27,31 @@ def _reference_backend(args: RolloutArgs) -> torch.Tensor:
         normalize=args.normalize, protect_prefix=args.protect_prefix)
 
 
-# name -> (is_available() -> bool, supports(device: torch.device) -> bool, run(RolloutArgs) -> Tensor)
-_BACKENDS: dict[str, tuple[Callable[[], bool], Callable[[torch.device], bool],
-                           Callable[[RolloutArgs], torch.Tensor]]] = {
-    "reference": (lambda: True, lambda device: True, _reference_backend),
+class Backend(NamedTuple):
+    """A registry entry: ``available() -> bool``, ``supports(device) -> bool``, ``run(RolloutArgs) ->
+    Tensor``, and ``checks_finite(device) -> bool``: True where ``run`` itself raises the reference's
+    ValueError on NaN/inf input (then the op skips its separate finiteness pass)."""
+
+    available: Callable[[], bool]
+    supports: Callable[[torch.device], bool]
+    run: Callable[[RolloutArgs], torch.Tensor]
+    checks_finite: Callable[[torch.device], bool]
+
+
+def _never(device: torch.device) -> bool:
+    return False
+
+
+def _on_cpu(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+def _on_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+_BACKENDS: dict[str, Backend] = {
+    "reference": Backend(lambda: True, lambda device: True, _reference_backend, _never),
 }
 # "auto" tries these in order for the input's device type and takes the first available one. Triton is
 # never chosen for CPU tensors: there it runs in Triton's interpreter, which is for tests, not speed.
@@ -43,9 +65,10 @@ def _register_fused_backends() -> None:
         from .kernels import backends as kb
     except ImportError:  # a broken partial install: the reference still works
         return
-    _BACKENDS["cpu"] = (kb.cpu_available, lambda device: device.type == "cpu", kb.run_compiled)
-    _BACKENDS["cuda"] = (kb.cuda_available, lambda device: device.type == "cuda", kb.run_compiled)
-    _BACKENDS["triton"] = (kb.triton_available, kb.triton_supports, kb.run_triton)
+    # the C++ CPU kernel checks finiteness during its single read of the attention; the CUDA one does not
+    _BACKENDS["cpu"] = Backend(kb.cpu_available, _on_cpu, kb.run_compiled, _on_cpu)
+    _BACKENDS["cuda"] = Backend(kb.cuda_available, _on_cuda, kb.run_compiled, _never)
+    _BACKENDS["triton"] = Backend(kb.triton_available, kb.triton_supports, kb.run_triton, _never)
 
 
 _register_fused_backends()
@@ -53,25 +76,32 @@ _register_fused_backends()
 
 def available_backends() -> list[str]:
     """Names of the backends usable in this install (always includes 'reference')."""
-    return [name for name, (avail, _, _) in _BACKENDS.items() if avail()]
+    return [name for name, entry in _BACKENDS.items() if entry.available()]
 
 
-def _pick(backend: str, device: torch.device) -> Callable[[RolloutArgs], torch.Tensor]:
+def _entry(backend: str, device: torch.device) -> Backend:
+    """The registry entry ``backend`` means for tensors on ``device`` ('auto': the first available in
+    ``_AUTO_ORDER``). Raises ValueError for an unknown, unavailable or unsupporting backend."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             entry = _BACKENDS.get(name)
-            if entry is not None and entry[0]() and entry[1](device):
-                return entry[2]
+            if entry is not None and entry.available() and entry.supports(device):
+                return entry
         raise RuntimeError("no rollout backend available")  # unreachable: reference always is
     entry = _BACKENDS.get(backend)
-    if entry is None or not entry[0]():
+    if entry is None or not entry.available():
         raise ValueError(f"backend: {backend!r} is not available in this install; available: "
                          f"{available_backends()} (see `python -m rollout_fast.info`)")
-    if not entry[1](device):
+    if not entry.supports(device):
         raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors")
-    return entry[2]
+    return entry
+
+
+def _pick(backend: str, device: torch.device) -> Callable[[RolloutArgs], torch.Tensor]:
+    """The run function of :func:`_entry`."""
+    return _entry(backend, device).run
 
 
 def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
@@ -107,13 +137,10 @@ def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: f
     args = check_rollout_args(attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
                               num_prefix_tokens=num_prefix_tokens, grid=grid, readout=readout,
                               normalize=normalize, protect_prefix=protect_prefix, check_finite=False)
-    run = _pick(backend, args.attentions.device)
-    # the C++ CPU kernel checks finiteness during its one read of the attention (and raises the same
-    # ValueError); every other backend gets the separate one-pass check first
-    if not (run is _BACKENDS.get("cpu", (None, None, None))[2] and args.attentions.device.type == "cpu") \
-            and not reference.all_finite(args.attentions):
+    entry = _entry(backend, args.attentions.device)
+    if not entry.checks_finite(args.attentions.device) and not reference.all_finite(args.attentions):
         raise ValueError("attentions: contains NaN or infinite values")
-    return run(args)
+    return entry.run(args)
 
 
 def grad_attention_rollout(attentions, gradients, *, discard_ratio: float = 0.0, num_prefix_tokens: int = 1,
