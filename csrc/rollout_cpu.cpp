@@ -17,7 +17,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -140,10 +139,7 @@ at::Tensor rollout_cpu(const at::Tensor& attentions, std::string_view head_fusio
   check_prefix(s.N, num_prefix_tokens, ro);
   const bool protect00 = protect_prefix && num_prefix_tokens >= 1;
   if (ro == kReadoutFull) {
-    at::Tensor M = fused_layers_cpu(attentions, head_fusion, discard_ratio, protect00);
-    at::Tensor R = M.select(0, 0);
-    for (int64_t l = 1; l < s.L; ++l) R = at::bmm(M.select(0, l), R);
-    return R.contiguous();
+    return rollout_matrix_chain(fused_layers_cpu(attentions, head_fusion, discard_ratio, protect00));
   }
   const at::Tensor att = inner_contiguous(attentions);
   const int64_t G = s.N - num_prefix_tokens;

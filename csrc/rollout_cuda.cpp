@@ -4,7 +4,6 @@
 // extension is built with CUDA (setup.py).
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -78,9 +77,7 @@ at::Tensor rollout_cuda(const at::Tensor& attentions, std::string_view head_fusi
   const c10::cuda::CUDAGuard guard(attentions.device());
   at::Tensor M = layers_cuda(attentions, s, fusion, protect00);
   if (ro == kReadoutFull) {
-    at::Tensor R = M.select(0, 0);
-    for (int64_t l = 1; l < s.L; ++l) R = at::bmm(M.select(0, l), R);  // cuBLAS, current stream
-    return R.contiguous();
+    return rollout_matrix_chain(M);
   }
   const cuda::Problem p = make_problem(attentions, s, fusion, protect00);
   const auto f32 = attentions.options().dtype(at::kFloat);

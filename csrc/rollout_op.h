@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -62,6 +63,14 @@ inline void check_prefix(int64_t N, int64_t num_prefix, int readout) {
               "rollout_fast: num_prefix_tokens must satisfy 0 <= P < N = ", N, ", got ", num_prefix);
   TORCH_CHECK(readout != kReadoutCls || num_prefix >= 1,
               "rollout_fast: readout 'cls' needs num_prefix_tokens >= 1");
+}
+
+// Readout 'full': R = M_L @ ... @ M_1 from the stored per-layer (L, B, N, N) float32 M (at::bmm on the
+// tensor's device: the CPU BLAS, or cuBLAS on the current stream).
+inline at::Tensor rollout_matrix_chain(const at::Tensor& M) {
+  at::Tensor R = M.select(0, 0);
+  for (int64_t l = 1; l < M.size(0); ++l) R = at::bmm(M.select(0, l), R);
+  return R.contiguous();
 }
 
 }  // namespace rollout_fast
