@@ -21,13 +21,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from gpu_compile import run_without_interpreter
 from vit_testing import explicit_attention, peaky_vit
 
 from rollout_fast import AttentionRollout, reference
@@ -218,10 +217,7 @@ for arch in map(int, sys.argv[1:]):
 def test_triton_kernel_compiles_for_gpu():
     """The fused-capture kernel compiles to a cubin for sm_80 and sm_90 without a GPU (fresh process, no
     interpreter): the interpreter does not type-check like the compiler."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, "80", "90"], env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
+    res = run_without_interpreter(_COMPILE_FOR_GPU, "80", "90")
     assert res.returncode == 0, res.stderr[-4000:]
 
 

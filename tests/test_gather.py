@@ -14,6 +14,7 @@ import importlib.util
 
 import pytest
 import torch
+from gpu_compile import run_without_interpreter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -252,13 +253,7 @@ for arch in map(int, sys.argv[1:]):
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_triton_kernels_compile_for_gpu():
     """The Triton kernels compile to cubins for sm_80 and sm_90 without a GPU (fresh process, no interpreter)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, "80", "90"], env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
+    res = run_without_interpreter(_COMPILE_FOR_GPU, "80", "90")
     assert res.returncode == 0, res.stderr[-4000:]
 
 

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from gpu_compile import run_without_interpreter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -404,10 +403,7 @@ def test_triton_kernels_compile_for_gpu():
     """Every Triton kernel compiles to a cubin for sm_80 and sm_90 without a GPU (in a fresh process,
     without the interpreter): the interpreter does not type-check like the compiler, so this catches
     GPU-only breakage on CPU-only CI."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, "80", "90"], env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
+    res = run_without_interpreter(_COMPILE_FOR_GPU, "80", "90")
     assert res.returncode == 0, res.stderr[-4000:]
 
 
