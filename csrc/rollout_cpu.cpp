@@ -45,6 +45,7 @@ struct Problem {
   int64_t sL, sB, sH, sI;  // element strides of the attention (the last stride is 1)
   int fusion;
   bool protect00;  // keep F[b, 0, 0] out of the discard
+  bool avx512;     // the AVX2 build may use AVX-512 for the threshold's bracket gather
 };
 
 namespace cpu_base {
@@ -63,14 +64,18 @@ namespace cpu_avx2 {
 #pragma GCC pop_options
 #endif
 
-// The instruction set the kernel runs with: "avx2" where the CPU has AVX2, FMA and F16C, else
-// "baseline". ROLLOUT_FAST_CPU_ISA=baseline forces the baseline build (tests compare the two).
+// The instruction set the kernel runs with: "avx512" (the AVX2 build, plus AVX-512 in the threshold's
+// bracket gather) where the CPU also has AVX-512F/VL, "avx2" where it has AVX2, FMA and F16C, else
+// "baseline". ROLLOUT_FAST_CPU_ISA=avx2 or =baseline caps it (tests compare the three: same bits).
 const char* cpu_isa() {
 #if defined(ROLLOUT_FAST_HAVE_AVX2)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("f16c");
-  const char* forced = std::getenv("ROLLOUT_FAST_CPU_ISA");
-  if (avx2 && !(forced != nullptr && std::string_view(forced) == "baseline")) return "avx2";
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  const char* env = std::getenv("ROLLOUT_FAST_CPU_ISA");
+  const std::string_view forced = env != nullptr ? env : "";
+  if (avx512 && forced != "avx2" && forced != "baseline") return "avx512";
+  if (avx2 && forced != "baseline") return "avx2";
 #endif
   return "baseline";
 }
@@ -81,8 +86,8 @@ namespace {
 // for the attention's dtype, the head fusion and the ISA of cpu_isa().
 #if defined(ROLLOUT_FAST_HAVE_AVX2)
 #define ROLLOUT_ISA_CALL(FN, T, FUSION, ...)                                  \
-  (std::string_view(cpu_isa()) == "avx2" ? cpu_avx2::FN<T, FUSION>(__VA_ARGS__) \
-                                         : cpu_base::FN<T, FUSION>(__VA_ARGS__))
+  (std::string_view(cpu_isa()) != "baseline" ? cpu_avx2::FN<T, FUSION>(__VA_ARGS__) \
+                                              : cpu_base::FN<T, FUSION>(__VA_ARGS__))
 #else
 #define ROLLOUT_ISA_CALL(FN, T, FUSION, ...) cpu_base::FN<T, FUSION>(__VA_ARGS__)
 #endif
@@ -101,7 +106,7 @@ constexpr const char* kNonFinite = "rollout_fast: attentions contains NaN or inf
 
 Problem make_problem(const at::Tensor& att, const LayerShape& s, int fusion, bool protect00) {
   return {s.L, s.B, s.H, s.N, s.k, att.stride(0), att.stride(1), att.stride(2), att.stride(3), fusion,
-          protect00};
+          protect00, std::string_view(cpu_isa()) == "avx512"};
 }
 
 at::Tensor inner_contiguous(const at::Tensor& att) {

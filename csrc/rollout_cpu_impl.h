@@ -8,8 +8,9 @@
 // Schedules (both run the same per-row functions in the same order, so the result is bitwise the same
 // for any thread count):
 //   per_sample: parallel over samples; each sample runs its layers last to first with an N*N scratch
-//               that stays in cache: fuse the heads row by row, select the threshold, normalise each
-//               row and add it to the row-vector chain.
+//               that stays in cache: fuse the heads, select the threshold, then normalise each row
+//               the chain reads (v[i] != 0) and add it to the row-vector chain, prefetching the next
+//               matrix's first bytes meanwhile (its read then overlaps this compute).
 //   layers + chain: parallel over (layer, sample, row) into a stored (L, B, N, N) M, then the chain
 //               per sample (small batches, the 'full' readout, and the fused_layers op).
 
@@ -68,9 +69,11 @@ inline __m256 fusion_combine8(__m256 acc, __m256 x) {
 }
 #endif
 
-// f[0..N) = head fusion over h of a[h * sH + j] (row i of one (layer, sample)), float32, heads
-// combined in order h = 0..H-1 (every loop order below gives the same bits). Returns false when an
-// input value is NaN or infinite (the op then raises): the finiteness check rides on the one read.
+// f[0..N) = head fusion over h of a[h * sH + j] (row i of one (layer, sample), or a whole contiguous
+// matrix), float32, heads combined in order h = 0..H-1 (every loop order below gives the same bits).
+// Returns false when an input value is NaN or infinite (the op then raises): the finiteness check
+// rides on the one read. The AVX2 build reads the H head streams side by side, the accumulator in a
+// register, and prefetches each stream 2 KiB ahead.
 template <typename T, int FUSION>
 bool fuse_row(const T* a_typed, int64_t sH, int64_t H, int64_t N, float* __restrict__ f) {
   using R = typename Raw<T>::type;
@@ -83,7 +86,10 @@ bool fuse_row(const T* a_typed, int64_t sH, int64_t H, int64_t N, float* __restr
     const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
     __m256 bad = _mm256_setzero_ps();  // lanes set where |x| > FLT_MAX or x is NaN
     int64_t j = 0;
+    constexpr int64_t kAhead = 512 / sizeof(R) * 4;  // prefetch distance: 2 KiB of each head's stream
     for (; j + 8 <= N; j += 8) {  // one read of the H head rows, the accumulator in a register
+      if ((j & (64 / sizeof(R) - 1)) == 0)
+        for (int64_t h = 0; h < H; ++h) __builtin_prefetch(a + h * sH + j + kAhead, 0, 3);
       __m256 x = load8<T>(a + j);
       __m256 acc = x;
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(x, abs_mask), big, _CMP_NLE_UQ));
@@ -131,13 +137,17 @@ bool fuse_row(const T* a_typed, int64_t sH, int64_t H, int64_t N, float* __restr
 }
 
 // f[0..n) = head fusion of a[h * sH + e] for a contiguous run of n elements (e.g. a whole (N, N) matrix
-// with unit row stride), heads outermost over chunks of kFuseChunk elements: each head's chunk is one
-// sequential read and the chunk of f stays in L1. Same values as fuse_row (heads combined in order
-// h = 0..H-1, 'mean' divided at the end), so every schedule gives the same bits. False on NaN/inf.
+// with unit row stride). The AVX2 build runs fuse_row over the whole run; the baseline build goes heads
+// outermost over chunks of kFuseChunk elements: each head's chunk is one sequential read and the chunk
+// of f stays in L1. Same values as fuse_row (heads combined in order h = 0..H-1, 'mean' divided at the
+// end), so every schedule gives the same bits. False on NaN/inf.
 constexpr int64_t kFuseChunk = 2048;
 
 template <typename T, int FUSION>
 bool fuse_run(const T* a_typed, int64_t sH, int64_t H, int64_t n, float* __restrict__ f) {
+#if defined(ROLLOUT_CPU_F16C)
+  if constexpr (!std::is_same_v<T, double>) return fuse_row<T, FUSION>(a_typed, sH, H, n, f);
+#endif
   using R = typename Raw<T>::type;
   const R* a = reinterpret_cast<const R*>(a_typed);
   int bad = 0;  // integer OR reduction: vectorises
@@ -165,24 +175,84 @@ bool fuse_run(const T* a_typed, int64_t sH, int64_t H, int64_t n, float* __restr
   return bad == 0;
 }
 
-// Sum of a row in a fixed order (8 interleaved partial sums, then a fixed tree).
-inline float row_sum(const float* __restrict__ x, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int q = 0; q < 8; ++q) acc[q] += x[j + q];
-  for (int q = 0; j < n; ++j, ++q) acc[q] += x[j];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+// Row i of the unnormalised M: m_ij = discard(F_ij) + [i == j], F[0, 0] kept when protect00 (t = -inf
+// when nothing is discarded), as in rollout_common.h (discard_apply, residual_add).
+inline float m_entry(float f, int64_t i, int64_t j, float t, bool protect00) {
+  return residual_add(discard_apply(f, t, protect00 && i == 0 && j == 0), i, j);
 }
 
-// Row i of M = (discard(F) + I) / rowsum, in place. t = -inf when nothing is discarded.
+#if defined(ROLLOUT_CPU_F16C)  // the AVX2 build: m_entry for 8 consecutive j = j0 .. j0 + 7
+struct RowEntries {
+  __m256 t, one, keep_lane0;
+  __m256i diag, iota;
+  int64_t diag_block;  // j0 of the 8 entries holding j = i (and j = 0 when i = 0)
+  bool keep00;
+  RowEntries(int64_t i, float thresh, bool protect00)
+      : t(_mm256_set1_ps(thresh)), one(_mm256_set1_ps(1.0f)),
+        keep_lane0(_mm256_castsi256_ps(_mm256_setr_epi32(0, -1, -1, -1, -1, -1, -1, -1))),
+        diag(_mm256_set1_epi32(static_cast<int32_t>(i))), iota(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+        diag_block(i / 8 * 8), keep00(protect00 && i == 0) {}
+  __m256 operator()(const float* row, int64_t j0) const { return entries(_mm256_loadu_ps(row + j0), j0); }
+  // lanes [0, valid) of row[j0 ..] (the rest read as 0): the end of a row
+  __m256 operator()(const float* row, int64_t j0, __m256i valid) const {
+    return entries(_mm256_maskload_ps(row + j0, valid), j0);
+  }
+  __m256 entries(__m256 f, int64_t j0) const {
+    __m256 drop = _mm256_cmp_ps(f, t, _CMP_LT_OQ);
+    if (j0 != diag_block) return _mm256_andnot_ps(drop, f);  // 8 ordinary entries: discard only
+    if (keep00) drop = _mm256_and_ps(drop, keep_lane0);      // the block of the diagonal (and of (0, 0))
+    const __m256 d = _mm256_andnot_ps(drop, f);
+    const __m256i j = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(j0)), iota);
+    return _mm256_blendv_ps(d, _mm256_add_ps(d, one), _mm256_castsi256_ps(_mm256_cmpeq_epi32(j, diag)));
+  }
+};
+
+// Lanes [0, n) of 8 set (n <= 8).
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+// 1 / sum_j m_ij for the fused row F_i (row_normalize's scale), the sum in a fixed order: 32 interleaved
+// partial sums (lane q takes j = q mod 32; four 8-lane accumulators, not one latency-bound chain),
+// then a fixed tree. Every ISA build gives the same bits. Reads the row only.
+inline float row_scale(const float* __restrict__ row, int64_t N, int64_t i, float t, bool protect00) {
+  int64_t j = 0;
+#if defined(ROLLOUT_CPU_F16C)  // the same sums, the 32 lanes in four registers, the tree in registers
+  const RowEntries m(i, t, protect00);
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (; j + 32 <= N; j += 32)
+    for (int u = 0; u < 4; ++u) a[u] = _mm256_add_ps(a[u], m(row, j + 8 * u));
+  for (int u = 0; u < 4 && j + 8 * u < N; ++u) {  // the last N mod 32 entries go to lanes 0, 1, ...
+    const __m256i valid = first_lanes(std::min<int64_t>(8, N - j - 8 * u));
+    a[u] = _mm256_blendv_ps(a[u], _mm256_add_ps(a[u], m(row, j + 8 * u, valid)), _mm256_castsi256_ps(valid));
+  }
+  const __m256 a01 = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));  // w = 16, then 8
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a01), _mm256_extractf128_ps(a01, 1));        // w = 4
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));                                                    // w = 2
+  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));                                                // w = 1
+  return row_inverse_sum(_mm_cvtss_f32(x));
+#else
+  float acc[32] = {};
+  for (; j + 32 <= N; j += 32)
+    for (int q = 0; q < 32; ++q) acc[q] += m_entry(row[j + q], i, j + q, t, protect00);
+  for (int q = 0; j < N; ++j, ++q) acc[q] += m_entry(row[j], i, j, t, protect00);
+  for (int w = 16; w >= 1; w /= 2)
+    for (int q = 0; q < w; ++q) acc[q] += acc[q + w];
+  return row_inverse_sum(acc[0]);
+#endif
+}
+
+// Row i of M = (discard(F) + I) / rowsum, in place.
 inline void normalize_row(float* __restrict__ row, int64_t N, int64_t i, float t, bool protect00) {
-  const float keep0 = row[0];
-  for (int64_t j = 0; j < N; ++j) row[j] = discard_apply(row[j], t, false);
-  if (i == 0) row[0] = discard_apply(keep0, t, protect00);
-  row[i] = residual_add(row[i], i, i);
-  const float s = row_sum(row, N);
-  for (int64_t j = 0; j < N; ++j) row[j] = row_normalize(row[j], s);
+  const float inv = row_scale(row, N, i, t, protect00);
+  int64_t j = 0;
+#if defined(ROLLOUT_CPU_F16C)
+  const RowEntries m(i, t, protect00);
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (; j + 8 <= N; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(m(row, j), vinv));
+#endif
+  for (; j < N; ++j) row[j] = row_normalize(m_entry(row[j], i, j, t, protect00), inv);
 }
 
 // y += c * x
@@ -190,34 +260,87 @@ inline void axpy(float* __restrict__ y, float c, const float* __restrict__ x, in
   for (int64_t j = 0; j < n; ++j) y[j] += c * x[j];
 }
 
-// ------------------------------------------------------------------------------ radix select
-// Histograms of many keys are 4 interleaved sub-histograms of kRadixMaxBins counters (consecutive
-// keys go to different copies, so runs of one bin do not serialise on one counter), summed before
-// the bin search; a few keys use one copy (cheaper to clear and sum).
-constexpr int kSubHists = 4;
-constexpr int64_t kHistWords = kSubHists * static_cast<int64_t>(kRadixMaxBins);
-constexpr int64_t kManyKeys = 16384;
-
-inline void hist_add_keys(const uint32_t* __restrict__ keys, int64_t n, int pass, int copies,
-                          uint32_t* __restrict__ h) {
-  int64_t e = 0;
-  if (copies == kSubHists) {
-    for (; e + kSubHists <= n; e += kSubHists)
-      for (int q = 0; q < kSubHists; ++q) ++h[q * kRadixMaxBins + radix_digit(keys[e + q], pass)];
+// y += c * M_i for the fused row F_i, M_i computed on the fly (normalize_row's values, not stored): the
+// same bits as axpy over the row normalize_row leaves.
+inline void axpy_normalized_row(float* __restrict__ y, float c, const float* __restrict__ row, int64_t N, int64_t i,
+                                float t, bool protect00) {
+  const float inv = row_scale(row, N, i, t, protect00);
+  int64_t j = 0;
+#if defined(ROLLOUT_CPU_F16C)
+  const RowEntries m(i, t, protect00);
+  const __m256 vc = _mm256_set1_ps(c), vinv = _mm256_set1_ps(inv);
+  for (; j + 8 <= N; j += 8)  // y + c * (m * inv), as the scalar loop
+    _mm256_storeu_ps(y + j, _mm256_add_ps(_mm256_loadu_ps(y + j), _mm256_mul_ps(vc, _mm256_mul_ps(m(row, j), vinv))));
+  if (j < N) {
+    const __m256i valid = first_lanes(N - j);
+    _mm256_maskstore_ps(y + j, valid, _mm256_add_ps(_mm256_maskload_ps(y + j, valid),
+                                                    _mm256_mul_ps(vc, _mm256_mul_ps(m(row, j, valid), vinv))));
+    j = N;
   }
-  for (; e < n; ++e) ++h[radix_digit(keys[e], pass)];
+#endif
+  for (; j < N; ++j) y[j] += c * row_normalize(m_entry(row[j], i, j, t, protect00), inv);
 }
 
-// Sums the sub-histograms into h[0..bins), then the bin holding *rank (updated to the rank inside it).
-inline uint32_t hist_find(uint32_t* h, int pass, int copies, uint32_t* rank) {
-  const uint32_t bins = radix_bins(pass);
-  for (uint32_t b = 0; b < bins; ++b)
-    for (int q = 1; q < copies; ++q) h[b] += h[q * kRadixMaxBins + b];
-  return radix_find_bin(h, bins, rank);
+// ------------------------------------------------------------------------------ radix select
+// Exact selection over the order-preserving keys of rollout_common.h (float_to_key), CPU flavour: an
+// MSD radix select over the keys' offsets from a known lower bound, whose digits cover only the bits
+// in which the keys can differ, so the narrow bracket of select_kth spreads over the bins and is
+// resolved in one or two passes. Histograms of many keys use kSubHists interleaved copies
+// (consecutive keys go to different copies, so runs of one bin do not serialise on one counter).
+constexpr int kDigitBits = 11;
+constexpr int kSubHists = 4;
+constexpr int64_t kHistWords = kSubHists * (int64_t{1} << kDigitBits);
+
+// Bin of h[0..bins) holding the 0-based *rank (then the rank inside it): 64-bin block sums first.
+inline uint32_t find_bin(const uint32_t* __restrict__ h, uint32_t bins, uint32_t* rank) {
+  uint32_t b0 = 0, below = 0;
+  if (bins > 64) {
+    for (; b0 + 64 < bins; b0 += 64) {
+      uint32_t block = 0;
+      for (uint32_t q = 0; q < 64; ++q) block += h[b0 + q];
+      if (below + block > *rank) break;
+      below += block;
+    }
+  }
+  *rank -= below;
+  return b0 + radix_find_bin(h + b0, bins - b0, rank);
 }
 
-// One pass over x[0..n): *below = #(x < lo); the keys of the values in [lo, hi] go to cand (in order;
-// cand holds n + 8 entries); returns their number.
+// The key of rank r (0-based, duplicates counted) among keys[0..m) (reordered: scratch), all of which
+// lie in [base, base + span]. Digits of at most digit_bits bits; h holds kHistWords counters.
+inline uint32_t select_key(uint32_t* __restrict__ keys, int64_t m, int64_t r, uint32_t base, uint32_t span,
+                           int digit_bits, uint32_t* __restrict__ h) {
+  int remaining = span == 0 ? 0 : 32 - __builtin_clz(span);  // offset bits in which keys can differ
+  uint32_t prefix = 0, rank = static_cast<uint32_t>(r);
+  while (remaining > 0) {
+    const int bits = std::min(digit_bits, remaining), shift = remaining - bits;
+    const uint32_t bins = 1u << bits, mask = bins - 1u;
+    const int copies = m >= 8 * static_cast<int64_t>(bins) ? kSubHists : 1;
+    std::fill(h, h + copies * bins, 0u);
+    int64_t e = 0;
+    if (copies == kSubHists) {
+      for (; e + kSubHists <= m; e += kSubHists)
+        for (int q = 0; q < kSubHists; ++q) ++h[q * bins + (((keys[e + q] - base) >> shift) & mask)];
+      for (uint32_t b = 0; b < bins; ++b) h[b] += h[bins + b] + h[2 * bins + b] + h[3 * bins + b];
+    }
+    for (; e < m; ++e) ++h[((keys[e] - base) >> shift) & mask];
+    prefix |= find_bin(h, bins, &rank) << shift;
+    remaining = shift;
+    if (remaining > 0) {  // keep the keys that agree with the prefix (branch-free compaction, in place)
+      int64_t m2 = 0;
+      for (int64_t q = 0; q < m; ++q) {
+        const uint32_t key = keys[q];
+        keys[m2] = key;
+        m2 += ((key - base) >> shift) == (prefix >> shift) ? 1 : 0;
+      }
+      m = m2;
+    }
+  }
+  return base + prefix;
+}
+
+// One pass over x[0..n): *below = #(key < lo); the keys in [lo, hi] go to cand (in order; cand holds
+// n + 16 entries); returns their number.
 #if defined(ROLLOUT_CPU_F16C)  // the AVX2 build: 8 values per step, left-packed with a permutation
 struct LeftPack {
   uint32_t idx[256][8];
@@ -231,22 +354,24 @@ struct LeftPack {
 };
 constexpr LeftPack kLeftPack{};
 
-inline int64_t gather_bracket(const float* __restrict__ x, int64_t n, float lo, float hi,
+inline int64_t gather_bracket(const float* __restrict__ x, int64_t n, uint32_t lo, uint32_t hi,
                               uint32_t* __restrict__ cand, int64_t* below_out) {
-  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  // signed-order keys: s = key ^ sign, so that signed compares order like the unsigned keys
+  const __m256i slo = _mm256_set1_epi32(static_cast<int32_t>(lo ^ 0x80000000u));
+  const __m256i shi = _mm256_set1_epi32(static_cast<int32_t>(hi ^ 0x80000000u));
+  const __m256i low31 = _mm256_set1_epi32(0x7fffffff), sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   __m256i below8 = _mm256_setzero_si256();
   int64_t m = 0, e = 0;
   for (; e + 8 <= n; e += 8) {
-    const __m256 v = _mm256_loadu_ps(x + e);
-    below8 = _mm256_sub_epi32(below8, _mm256_castps_si256(_mm256_cmp_ps(v, vlo, _CMP_LT_OQ)));
-    const int mask = _mm256_movemask_ps(
-        _mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ), _mm256_cmp_ps(v, vhi, _CMP_LE_OQ)));
-    // branch-free: always store 8 lanes (cand has n + 8 entries), advance by the number kept
-    const __m256i u = _mm256_castps_si256(v);  // float_to_key, 8 lanes: u ^ (negative ? ~0 : sign)
-    const __m256i key = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), sign));
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + e));
+    const __m256i sk = _mm256_xor_si256(u, _mm256_and_si256(_mm256_srai_epi32(u, 31), low31));
+    const __m256i lt = _mm256_cmpgt_epi32(slo, sk), gt = _mm256_cmpgt_epi32(sk, shi);
+    below8 = _mm256_sub_epi32(below8, lt);
+    const int mask = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(lt, gt))) & 0xff;
+    // branch-free: always store 8 lanes (cand has n + 16 entries), advance by the number kept
     const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLeftPack.idx[mask]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + m), _mm256_permutevar8x32_epi32(key, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + m),
+                        _mm256_permutevar8x32_epi32(_mm256_xor_si256(sk, sign), perm));
     m += __builtin_popcount(static_cast<unsigned>(mask));
   }
   alignas(32) int32_t lanes[8];
@@ -254,75 +379,110 @@ inline int64_t gather_bracket(const float* __restrict__ x, int64_t n, float lo, 
   int64_t below = 0;
   for (int q = 0; q < 8; ++q) below += lanes[q];
   for (; e < n; ++e) {
-    const float v = x[e];
-    below += v < lo ? 1 : 0;
-    if (v >= lo && v <= hi) cand[m++] = float_to_key(v);
+    const uint32_t key = float_to_key(x[e]);
+    below += key < lo ? 1 : 0;
+    if (key >= lo && key <= hi) cand[m++] = key;
+  }
+  *below_out = below;
+  return m;
+}
+
+// The same pass with AVX-512 (16 values per step, vpcompressd): the same candidates in the same order.
+// Used where the CPU has AVX-512F/VL (Problem::avx512, from cpu_isa()).
+__attribute__((target("avx512f,avx512vl"))) inline int64_t gather_bracket16(
+    const float* __restrict__ x, int64_t n, uint32_t lo, uint32_t hi, uint32_t* __restrict__ cand,
+    int64_t* below_out) {
+  const __m512i slo = _mm512_set1_epi32(static_cast<int32_t>(lo ^ 0x80000000u));
+  const __m512i shi = _mm512_set1_epi32(static_cast<int32_t>(hi ^ 0x80000000u));
+  const __m512i low31 = _mm512_set1_epi32(0x7fffffff), sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  int64_t below = 0, m = 0, e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const __m512i u = _mm512_loadu_si512(x + e);
+    const __m512i sk = _mm512_xor_si512(u, _mm512_and_si512(_mm512_srai_epi32(u, 31), low31));
+    const __mmask16 lt = _mm512_cmpgt_epi32_mask(slo, sk), gt = _mm512_cmpgt_epi32_mask(sk, shi);
+    const __mmask16 in = static_cast<__mmask16>(~(lt | gt));
+    // always store 16 lanes (cand has n + 16 entries), advance by the number kept
+    _mm512_storeu_si512(cand + m, _mm512_maskz_compress_epi32(in, _mm512_xor_si512(sk, sign)));
+    below += __builtin_popcount(static_cast<unsigned>(lt));
+    m += __builtin_popcount(static_cast<unsigned>(in));
+  }
+  for (; e < n; ++e) {
+    const uint32_t key = float_to_key(x[e]);
+    below += key < lo ? 1 : 0;
+    if (key >= lo && key <= hi) cand[m++] = key;
   }
   *below_out = below;
   return m;
 }
 #else
-inline int64_t gather_bracket(const float* __restrict__ x, int64_t n, float lo, float hi,
+inline int64_t gather_bracket(const float* __restrict__ x, int64_t n, uint32_t lo, uint32_t hi,
                               uint32_t* __restrict__ cand, int64_t* below_out) {
   int64_t below = 0, m = 0;
   for (int64_t e = 0; e < n; ++e) {
-    const float v = x[e];
-    below += v < lo ? 1 : 0;
-    if (v >= lo && v <= hi) cand[m++] = float_to_key(v);
+    const uint32_t key = float_to_key(x[e]);
+    below += key < lo ? 1 : 0;
+    cand[m] = key;
+    m += (key >= lo && key <= hi) ? 1 : 0;
   }
   *below_out = below;
   return m;
 }
 #endif
 
-// Exact radix select: value of rank k (0-based) among the keys[0..m) (reordered, used as scratch).
-inline float radix_select_keys(uint32_t* __restrict__ keys, int64_t m, int64_t k, uint32_t* __restrict__ h) {
-  uint32_t rank = static_cast<uint32_t>(k), prefix = 0u;
-  for (int pass = 0; pass < kRadixPasses; ++pass) {
-    if (pass > 0) {  // keep the keys under the prefix chosen so far (branch-free compaction, in place)
-      int64_t m2 = 0;
-      for (int64_t e = 0; e < m; ++e) {
-        const uint32_t key = keys[e];
-        keys[m2] = key;
-        m2 += radix_prefix_match(key, prefix, pass) ? 1 : 0;
-      }
-      m = m2;
-    }
-    const int copies = m >= kManyKeys ? kSubHists : 1;
-    std::fill(h, h + copies * static_cast<int64_t>(kRadixMaxBins), 0u);
-    hist_add_keys(keys, m, pass, copies, h);
-    prefix = radix_extend_prefix(prefix, hist_find(h, pass, copies, &rank), pass);
-  }
-  return key_to_float(prefix);
-}
-
-// Value of rank k (0-based: the (k+1)-th smallest, duplicates counted) of x[0..n). cand: n + 8
-// scratch keys; h: kHistWords counters. Large inputs first bracket the answer with an evenly strided sample
-// of kSample values (Floyd-Rivest): one pass counts the values below the bracket and gathers those
-// inside it, and the radix select runs on that small set. When the bracket misses the rank (unlikely,
-// or adversarial input) the radix select runs on all n keys. Either way the result is exact.
+// Value of rank k (0-based: the (k+1)-th smallest, duplicates counted) of x[0..n). cand: n + 16
+// scratch keys; h: kHistWords counters. Large inputs first bracket the answer with an evenly strided
+// sample of kSample values (Floyd-Rivest): radix selects on the sample give keys lo <= hi around the
+// rank (3 standard deviations + 4 of margin), one pass counts the keys below lo and gathers those in
+// [lo, hi], and the radix select runs on that small set. When the bracket misses the rank (about 0.3%
+// of random inputs, or adversarial ones) it runs on all n keys. Either way the result is exact.
 constexpr int64_t kSample = 1024;
+constexpr int64_t kGatherChunk = 512;  // the bracket gather runs in chunks, calling `between` after each
 
+struct NoHook {
+  void operator()() const {}
+};
+
+template <typename Hook = NoHook>
 inline float select_kth(const float* __restrict__ x, int64_t n, int64_t k, uint32_t* __restrict__ h,
-                        uint32_t* __restrict__ cand) {
+                        uint32_t* __restrict__ cand, bool avx512 = false, Hook&& between = Hook{}) {
   if (n > 4 * kSample) {
-    float* sample = reinterpret_cast<float*>(cand);  // cand is free until the gather below
-    for (int64_t t = 0; t < kSample; ++t) sample[t] = x[(t * n) / kSample];
+    uint32_t sample[kSample], scratch[kSample];
+    uint32_t smin = 0xffffffffu, smax = 0u;
+    for (int64_t q = 0; q < kSample; ++q) {
+      sample[q] = float_to_key(x[(q * n) / kSample]);
+      smin = std::min(smin, sample[q]);
+      smax = std::max(smax, sample[q]);
+    }
     const double r = static_cast<double>(k) * kSample / static_cast<double>(n);
     const double p = static_cast<double>(k) / static_cast<double>(n);
-    const double margin = 4.0 * std::sqrt(kSample * p * (1.0 - p)) + 8.0;
-    const int64_t r_lo = std::max<int64_t>(0, static_cast<int64_t>(std::floor(r - margin)));
-    const int64_t r_hi = std::min<int64_t>(kSample - 1, static_cast<int64_t>(std::ceil(r + margin)));
-    std::nth_element(sample, sample + r_lo, sample + kSample);
-    const float lo = r_lo == 0 ? -std::numeric_limits<float>::infinity() : sample[r_lo];
-    std::nth_element(sample + r_lo, sample + r_hi, sample + kSample);
-    const float hi = r_hi == kSample - 1 ? std::numeric_limits<float>::infinity() : sample[r_hi];
-    int64_t below = 0;
-    const int64_t m = gather_bracket(x, n, lo, hi, cand, &below);
-    if (below <= k && k < below + m) return radix_select_keys(cand, m, k - below, h);
+    const double margin = 3.0 * std::sqrt(kSample * p * (1.0 - p)) + 4.0;
+    const int64_t r_lo = static_cast<int64_t>(std::floor(r - margin));
+    const int64_t r_hi = static_cast<int64_t>(std::ceil(r + margin));
+    uint32_t lo = 0u, hi = 0xffffffffu;
+    if (r_lo > 0) {
+      std::copy(sample, sample + kSample, scratch);
+      lo = select_key(scratch, kSample, r_lo, smin, smax - smin, 8, h);
+    }
+    if (r_hi < kSample - 1) {
+      std::copy(sample, sample + kSample, scratch);
+      hi = select_key(scratch, kSample, r_hi, smin, smax - smin, 8, h);
+    }
+    int64_t below = 0, m = 0;
+    for (int64_t e = 0; e < n; e += kGatherChunk) {
+      int64_t below_chunk = 0;
+      const int64_t len = std::min(kGatherChunk, n - e);
+#if defined(ROLLOUT_CPU_F16C)
+      if (avx512) m += gather_bracket16(x + e, len, lo, hi, cand + m, &below_chunk);
+      else
+#endif
+        m += gather_bracket(x + e, len, lo, hi, cand + m, &below_chunk);
+      below += below_chunk;
+      between();
+    }
+    if (below <= k && k < below + m) return key_to_float(select_key(cand, m, k - below, lo, hi - lo, kDigitBits, h));
   }
   for (int64_t e = 0; e < n; ++e) cand[e] = float_to_key(x[e]);
-  return radix_select_keys(cand, n, k, h);
+  return key_to_float(select_key(cand, n, k, 0u, 0xffffffffu, n < 4096 ? 8 : kDigitBits, h));
 }
 
 // Normalised map of one sample from the chain's result vector v (N entries): out[0..G).
@@ -378,9 +538,9 @@ struct Kernel {
     std::vector<float> thresh(LB, kNoThreshold);
     if (p.k >= 1) {
       at::parallel_for(0, LB, 1, [&](int64_t s0, int64_t s1) {
-        std::vector<uint32_t> cand(NN + 8), hist(kHistWords);
+        std::vector<uint32_t> cand(NN + 16), hist(kHistWords);
         for (int64_t lb = s0; lb < s1; ++lb)
-          thresh[lb] = select_kth(M + lb * NN, NN, p.k, hist.data(), cand.data());
+          thresh[lb] = select_kth(M + lb * NN, NN, p.k, hist.data(), cand.data(), p.avx512);
       });
     }
     at::parallel_for(0, LB * N, std::max<int64_t>(1, 32768 / N), [&](int64_t r0, int64_t r1) {
@@ -411,40 +571,75 @@ struct Kernel {
     });
   }
 
-  // Whole rollout per sample, layers last to first, with an N*N scratch (no stored M). Returns false
-  // when the attention holds a NaN or an infinity.
+  // Steps 1 (head fusion) of one (layer, sample) matrix into f, NN floats; false on NaN/inf.
+  bool fuse_matrix(const T* a, float* f) const {
+    if (p.sI == p.N) return fuse_run<T, FUSION>(a, p.sH, p.H, p.N * p.N, f);
+    bool ok = true;
+    for (int64_t i = 0; i < p.N; ++i) ok &= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, p.N, f + i * p.N);
+    return ok;
+  }
+
+  // The head fusion of the next matrix in slices of `step` elements, run between pieces of this matrix's
+  // compute (software pipelining: its memory reads overlap the compute instead of following it).
+  // Needs contiguous rows (one run of NN elements per head); a = nullptr: nothing to do.
+  struct FuseAhead {
+    const T* a;
+    float* f;
+    int64_t sH, H, n, step, done = 0;
+    bool ok = true;
+    void operator()() {
+      if (a == nullptr || done >= n) return;
+      const int64_t len = std::min(step, n - done);
+      ok &= fuse_row<T, FUSION>(a + done, sH, H, len, f + done);
+      done += len;
+    }
+    void finish() {
+      while (a != nullptr && done < n) (*this)();
+    }
+  };
+
+  // Whole rollout per sample, layers last to first, with N*N scratches (no stored M). The thread's
+  // matrices run in the order (sample b0, layer L-1), ..., (b0, 0), (b0 + 1, L-1), ...; with contiguous
+  // rows the next matrix is fused into a second scratch while this one's threshold is selected and its
+  // rows normalised. Returns false when the attention holds a NaN or an infinity.
   bool per_sample(int64_t P, int readout, int normalize, float* out) const {
     const int64_t N = p.N, NN = N * N, G = N - P;
-    const bool discard = p.k >= 1;
+    const bool discard = p.k >= 1, pipelined = p.sI == N;
     std::atomic<bool> finite{true};
     at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> F(NN), v(N), vn(N);
-      std::vector<uint32_t> cand(discard ? NN + 8 : 0), hist(discard ? kHistWords : 0);
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t i = 0; i < N; ++i) v[i] = readout_init(readout, i, P);
-        for (int64_t l = p.L - 1; l >= 0; --l) {
-          const T* a = base(l, b);
-          bool ok = true;
-          if (p.sI == N) {  // rows contiguous: the whole (N, N) matrix is one run per head
-            ok = fuse_run<T, FUSION>(a, p.sH, p.H, NN, F.data());
-          } else {
-            for (int64_t i = 0; i < N; ++i) ok &= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, N, F.data() + i * N);
-          }
-          if (!ok) {
-            finite.store(false, std::memory_order_relaxed);
-            return;
-          }
-          const float t = discard ? select_kth(F.data(), NN, p.k, hist.data(), cand.data()) : kNoThreshold;
-          std::fill(vn.begin(), vn.end(), 0.f);
-          for (int64_t i = 0; i < N; ++i) {
-            float* row = F.data() + i * N;
-            normalize_row(row, N, i, t, p.protect00);
-            if (v[i] != 0.f) axpy(vn.data(), v[i], row, N);
-          }
-          v.swap(vn);
+      std::vector<float> F(NN), Fnext(pipelined ? NN : 0), v(N), vn(N);
+      std::vector<uint32_t> cand(discard ? NN + 16 : 0), hist(discard ? kHistWords : 0);
+      const int64_t count = (b1 - b0) * p.L;
+      const auto matrix = [&](int64_t s) { return base(p.L - 1 - s % p.L, b0 + s / p.L); };
+      // slices of the next matrix's fusion: one per gather chunk and one per row
+      const int64_t slots = (discard && NN > 4 * kSample ? (NN + kGatherChunk - 1) / kGatherChunk : 0) + N;
+      const int64_t step = ((NN + slots - 1) / slots + 7) / 8 * 8;
+      bool ok = fuse_matrix(matrix(0), F.data());
+      for (int64_t s = 0; s < count && ok; ++s) {
+        const int64_t b = b0 + s / p.L;
+        if (s % p.L == 0)
+          for (int64_t i = 0; i < N; ++i) v[i] = readout_init(readout, i, P);
+        FuseAhead ahead{pipelined && s + 1 < count ? matrix(s + 1) : nullptr, Fnext.data(), p.sH, p.H, NN, step};
+        const float t = discard ? select_kth(F.data(), NN, p.k, hist.data(), cand.data(), p.avx512, ahead) : kNoThreshold;
+        std::fill(vn.begin(), vn.end(), 0.f);
+        for (int64_t i = 0; i < N; ++i) {
+          ahead();
+          if (v[i] == 0.f) continue;  // rows the chain does not read need no normalisation
+          axpy_normalized_row(vn.data(), v[i], F.data() + i * N, N, i, t, p.protect00);
         }
-        finalize_map(v.data(), N, P, readout, normalize, out + b * G);
+        v.swap(vn);
+        if (s % p.L == p.L - 1) finalize_map(v.data(), N, P, readout, normalize, out + b * G);
+        if (s + 1 < count) {
+          if (pipelined) {
+            ahead.finish();
+            ok = ahead.ok;
+            F.swap(Fnext);
+          } else {
+            ok = fuse_matrix(matrix(s + 1), F.data());
+          }
+        }
       }
+      if (!ok) finite.store(false, std::memory_order_relaxed);
     });
     return finite.load();
   }

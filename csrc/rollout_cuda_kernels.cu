@@ -167,8 +167,8 @@ __global__ void normalize_kernel(float* __restrict__ F, const float* __restrict_
     row[j] = m;
     partial += m;
   }
-  const float s = block_reduce<kSum>(partial, scratch);
-  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) row[j] = row_normalize(row[j], s);
+  const float inv = row_inverse_sum(block_reduce<kSum>(partial, scratch));
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) row[j] = row_normalize(row[j], inv);
 }
 
 __global__ void init_kernel(float* __restrict__ v, int64_t B, int64_t N, int64_t num_prefix, int readout) {

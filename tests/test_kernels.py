@@ -255,6 +255,18 @@ def test_threshold_selection_adversarial(backend, ratio, kind, request):
 
 
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_cpu_threshold_fallback_on_a_large_matrix(ratio):
+    """White-box: N*N = 17161 >= 16384 and the sampled entries are the largest, so the CPU kernel's bracket
+    misses and its exact select over all keys runs (the histogram path with interleaved copies)."""
+    att = _sample_aliasing(torch.Generator().manual_seed(2), 131)
+    got = _fused_layers("compiled", att, "max", ratio, True)
+    want = _reference_layers(att, "max", ratio, True)
+    assert torch.equal(got == 0, want == 0), "discarded entries differ"
+    assert_matches(got, want)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 def test_cpu_schedules_bitwise_equal():
     """The per-sample schedule (batch >= threads) and the per-row one (batch < threads) agree bit for bit."""
     att = make_attention(4, 3, 3, 50)
@@ -269,20 +281,30 @@ def test_cpu_schedules_bitwise_equal():
     assert torch.equal(per_sample, per_row)
 
 
+CPU_ISA_LEVELS = ["avx512", "avx2", "baseline"]  # what ROLLOUT_FAST_CPU_ISA can cap the kernel to
+
+
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_cpu_isa_builds_bitwise_equal(dtype, monkeypatch):
-    """The AVX2 build (explicit SIMD loads, fused-loop order) and the baseline build give the same bits."""
-    if _ext.load().cpu_isa() != "avx2":
+    """Every ISA level this CPU runs gives the same bits, for both schedules: the AVX2 build (explicit SIMD
+    loads, row entries, fused-loop order), the same with its AVX-512 bracket gather, and the baseline build."""
+    top = _ext.load().cpu_isa()
+    levels = CPU_ISA_LEVELS[CPU_ISA_LEVELS.index(top):]
+    if len(levels) < 2:
         pytest.skip("this CPU runs the baseline build only (no AVX2+FMA+F16C)")
     att = make_attention(3, 4, 3, 75, dtype=dtype)  # N*N > 4096: the sampled threshold bracket runs
-    for fusion in reference.HEAD_FUSIONS:
-        fast = torch.ops.rollout_fast.rollout(att, fusion, 0.9, 1, True, "mean", "minmax")
-        monkeypatch.setenv("ROLLOUT_FAST_CPU_ISA", "baseline")
-        assert _ext.load().cpu_isa() == "baseline"
-        base = torch.ops.rollout_fast.rollout(att, fusion, 0.9, 1, True, "mean", "minmax")
-        monkeypatch.delenv("ROLLOUT_FAST_CPU_ISA")
-        assert torch.equal(fast, base), fusion
+    results = {}
+    for isa in levels:
+        monkeypatch.setenv("ROLLOUT_FAST_CPU_ISA", isa)
+        assert _ext.load().cpu_isa() == isa
+        results[isa] = [torch.ops.rollout_fast.rollout(att, fusion, 0.9, 1, True, "mean", "minmax")
+                        for fusion in reference.HEAD_FUSIONS]
+        results[isa] += [torch.ops.rollout_fast.fused_layers(att, fusion, 0.9, True)
+                         for fusion in reference.HEAD_FUSIONS]
+    for isa in levels[1:]:
+        for got, want in zip(results[isa], results[levels[0]]):
+            assert torch.equal(got, want), f"{isa} differs from {levels[0]}"
 
 
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
