@@ -4,7 +4,8 @@ Runs the same code as ``rollout-fast prune-eval`` (rollout_fast.prune.run_prune_
 CIFAR-10 test images when the patch tokens with the lowest scores are dropped before the blocks, for each
 scorer and keep ratio (``random`` averaged over 3 seeds, mean and spread), and images/s of the full and the
 pruned model, scorer included, at batch 1 and 256. Writes results.csv / results.json / results.md (the
-README table), throughput.csv and prune_top1.png (the seeds' chart on our teacher).
+README table), throughput.csv and prune_top1.png (the seeds' chart on our teacher). Scorer ``student`` is
+the shipped pruning student ``cifar10-vit-prune`` (``--student NAME_OR_PATH`` for another).
 
     python python/prune_eval.py --data ../shared/data/cifar10/test --out runs/prune
     python python/prune_eval.py --scorers random,cls-attention   # a subset

@@ -9,6 +9,8 @@ as ``rollout_fast/assets/cifar10-vit-student.safetensors`` + ``.json`` (loaded b
 ``rollout_fast.students.load_student("cifar10-vit")``). Resumable: run it again after an interruption.
 
     python python/train_students.py --data ../shared/data/cifar10 --out runs/students
+    python python/train_students.py --data ../shared/data/cifar10 --out runs/students-prune \
+        --discard-ratio 0.97 --only resnet-cifar-lowres-f2 --install-as cifar10-vit-prune
 
 Every run goes through the public API (``rollout_fast.distill.distill``, the code behind
 ``rollout-fast distill``). Backbones are trained from scratch (timm's pretrained weights cannot be
@@ -145,6 +147,9 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="run only these names")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-install", action="store_true")
+    p.add_argument("--install-as", default="cifar10-vit", choices=sorted(EMBEDDED_STUDENTS),
+                   help="the shipped student to replace (cifar10-vit-prune: the pruning student, trained with "
+                        "--discard-ratio 0.97 --only resnet-cifar-lowres-f2)")
     p.add_argument("--fallback", type=Path, default=None,
                    help="with --only: take runs missing from OUT from this earlier output folder (marked †)")
     args = p.parse_args()
@@ -202,12 +207,12 @@ def main() -> None:
     except Exception as e:  # the table matters more than the figure
         print(f"figure skipped: {type(e).__name__}: {e}")
     if not args.no_install:
-        dest = EMBEDDED_STUDENTS["cifar10-vit"]
+        dest = EMBEDDED_STUDENTS[args.install_as]
         size = (best_dir / "student.safetensors").stat().st_size
         if size > 5 * 2 ** 20:
             raise SystemExit(f"{best['name']} is {size / 2 ** 20:.1f} MB > 5 MB: not installed")
         card = json.loads((best_dir / "student.json").read_text())
-        card.update(name="cifar10-vit-student", teacher="cifar10-vit", run=best["name"])
+        card.update(name=dest.name, teacher="cifar10-vit", run=best["name"])
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best_dir / "student.safetensors", dest.with_suffix(".safetensors"))
         dest.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

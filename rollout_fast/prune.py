@@ -598,7 +598,9 @@ def add_prune_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch and the large throughput batch")
     p.add_argument("--throughput-batches", default="1,256", help="batch sizes timed ('' to skip timing)")
     p.add_argument("--throughput-time", type=float, default=1.0, help="seconds per timing (median of runs)")
-    p.add_argument("--student", default=None, help="student name (rollout_fast.students) for scorer 'student'")
+    p.add_argument("--student", default=None,
+                   help="student name or path for scorer 'student' (default: MODEL's shipped pruning student, "
+                        "e.g. cifar10-vit-prune, else MODEL's student)")
     p.add_argument("--student-thumbnail", type=int, default=None, help="resize images to this side for the student")
     p.add_argument("--cls-block", type=int, default=0, help="block whose class-token attention 'cls-attention' uses")
     p.add_argument("--rollout-discard", type=float, default=0.9, help="discard ratio of the 'rollout' scorer")
@@ -641,12 +643,15 @@ def run_prune_eval(args) -> int:
             raise ValueError("--threads: expected >= 1")
         student = None
         if "student" in scorers:  # resolved first: a missing student fails before any work
+            from .students import pruning_student_name
+
+            name = args.student or pruning_student_name(args.model)
             try:
-                student = make_scorer("student", student=args.student or args.model,
-                                      thumbnail=args.student_thumbnail).student
+                student = make_scorer("student", student=name, thumbnail=args.student_thumbnail).student
             except (ValueError, OSError) as e:
-                raise ValueError(f"--scorers student: no student for {args.student or args.model!r} ({e}); "
+                raise ValueError(f"--scorers student: no student for {name!r} ({e}); "
                                  "pass --student NAME_OR_PATH or leave 'student' out") from None
+            args.student = name
     except ValueError as e:
         print(f"rollout-fast prune-eval: {e}", file=sys.stderr)
         return 2
@@ -662,7 +667,7 @@ def run_prune_eval(args) -> int:
                         thumbnail=args.student_thumbnail, block=args.cls_block,
                         rollout_discard_ratio=args.rollout_discard, progress=not args.no_progress,
                         accuracy=not args.throughput_only)
-    result["meta"].update(model=args.model, checkpoint=args.checkpoint, data=str(args.data))
+    result["meta"].update(model=args.model, checkpoint=args.checkpoint, data=str(args.data), student=args.student)
     paths = write_prune_eval(result, args.out)
     print(format_table(result))
     print("written: " + ", ".join(str(p) for p in paths))

@@ -62,6 +62,7 @@ __all__ = [
     "create_student",
     "load_student",
     "measure_cost",
+    "pruning_student_name",
     "save_student",
     "student_input_size",
 ]
@@ -518,7 +519,17 @@ def _assets() -> Path:
     return Path(__file__).resolve().parent / "assets"
 
 
-EMBEDDED_STUDENTS = {"cifar10-vit": _assets() / "cifar10-vit-student"}
+# Shipped students, by name: "cifar10-vit" predicts the embedded teacher's rollout at discard ratio 0 (the
+# rollout people inspect; issue 5's metrics); "cifar10-vit-prune" predicts it at discard 0.97, the rollout
+# that selects the best patch tokens for pruned inference (rollout_fast.prune; ``prune-eval``'s default).
+EMBEDDED_STUDENTS = {"cifar10-vit": _assets() / "cifar10-vit-student",
+                     "cifar10-vit-prune": _assets() / "cifar10-vit-prune-student"}
+
+
+def pruning_student_name(model: str) -> str:
+    """The shipped student to score patch tokens of ``model`` with: ``"<model>-prune"`` when shipped, else
+    ``model`` (its rollout student)."""
+    return f"{model}-prune" if f"{model}-prune" in EMBEDDED_STUDENTS else model
 
 
 def save_student(path: str | os.PathLike, student: RolloutStudent, card: dict) -> tuple[Path, Path]:
@@ -540,9 +551,10 @@ def load_student(name: str | os.PathLike = "cifar10-vit", *, device: str | torch
     """Load a shipped or saved student in eval mode, offline.
 
     Args:
-        name: a teacher name with a shipped student (``"cifar10-vit"``: the student of the embedded
-            teacher), or a path to a student ``.safetensors`` with its ``.json`` card beside it (as
-            written by ``rollout-fast distill``).
+        name: a shipped student (``"cifar10-vit"``: the embedded teacher's rollout at discard 0;
+            ``"cifar10-vit-prune"``: the same teacher's rollout at discard 0.97, for token pruning), or a path
+            to a student ``.safetensors`` with its ``.json`` card beside it (as written by
+            ``rollout-fast distill``).
         device: where to put it.
 
     Returns:

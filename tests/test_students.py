@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rollout_fast.students import (EMBEDDED_STUDENTS, RolloutStudent, check_student_grid, count_macs,
-                                   create_student, load_student, measure_cost, save_student,
+                                   create_student, load_student, measure_cost, pruning_student_name, save_student,
                                    student_input_size)
 
 TINY = {
@@ -110,16 +110,22 @@ def test_save_and_load_round_trip(tmp_path):
         load_student(str(tmp_path / "missing.safetensors"))
 
 
-def test_shipped_student_for_the_embedded_teacher():
-    path = EMBEDDED_STUDENTS["cifar10-vit"].with_suffix(".safetensors")
+@pytest.mark.parametrize("name, discard", [("cifar10-vit", 0.0), ("cifar10-vit-prune", 0.97)])
+def test_shipped_students_for_the_embedded_teacher(name, discard):
+    path = EMBEDDED_STUDENTS[name].with_suffix(".safetensors")
     if not path.is_file():
         pytest.skip(f"the shipped student is not installed yet ({path})")
     assert path.stat().st_size <= 5 * 2 ** 20
-    student, card = load_student("cifar10-vit")
+    student, card = load_student(name)
     assert isinstance(student, RolloutStudent) and card["teacher"] == "cifar10-vit"
-    assert {"head_fusion", "discard_ratio"} <= set(card["rollout"]) and "recall@0.5" in card["metrics"]["centred"]
+    assert card["rollout"]["discard_ratio"] == discard and "recall@0.5" in card["metrics"]["centred"]
     out = student(torch.randn(3, 3, 32, 32))
     assert out.shape == (3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_pruning_student_name():
+    assert pruning_student_name("cifar10-vit") == "cifar10-vit-prune"
+    assert pruning_student_name("vit_small_patch16_224") == "vit_small_patch16_224"
 
 
 def test_bad_input_errors_name_the_argument():
