@@ -137,42 +137,21 @@ bool fuse_row(const T* a_typed, int64_t sH, int64_t H, int64_t N, float* __restr
 }
 
 // f[0..n) = head fusion of a[h * sH + e] for a contiguous run of n elements (e.g. a whole (N, N) matrix
-// with unit row stride). The AVX2 build runs fuse_row over the whole run; the baseline build goes heads
-// outermost over chunks of kFuseChunk elements: each head's chunk is one sequential read and the chunk
-// of f stays in L1. Same values as fuse_row (heads combined in order h = 0..H-1, 'mean' divided at the
-// end), so every schedule gives the same bits. False on NaN/inf.
+// with unit row stride): fuse_row over the run. The AVX2 build reads the whole run in one go (H
+// streams side by side, prefetched); the baseline build (and float64) goes in chunks of kFuseChunk
+// elements, heads outermost, so each head's chunk is one sequential read and the chunk of f stays in
+// L1. Every split gives the same bits. False on NaN/inf.
 constexpr int64_t kFuseChunk = 2048;
 
 template <typename T, int FUSION>
-bool fuse_run(const T* a_typed, int64_t sH, int64_t H, int64_t n, float* __restrict__ f) {
+bool fuse_run(const T* a, int64_t sH, int64_t H, int64_t n, float* __restrict__ f) {
 #if defined(ROLLOUT_CPU_F16C)
-  if constexpr (!std::is_same_v<T, double>) return fuse_row<T, FUSION>(a_typed, sH, H, n, f);
+  if constexpr (!std::is_same_v<T, double>) return fuse_row<T, FUSION>(a, sH, H, n, f);
 #endif
-  using R = typename Raw<T>::type;
-  const R* a = reinterpret_cast<const R*>(a_typed);
-  int bad = 0;  // integer OR reduction: vectorises
-  for (int64_t c0 = 0; c0 < n; c0 += kFuseChunk) {
-    const int64_t len = std::min(kFuseChunk, n - c0);
-    float* __restrict__ fc = f + c0;
-    const R* __restrict__ a0 = a + c0;
-    for (int64_t j = 0; j < len; ++j) {
-      const float x = raw_to_float<T>(a0[j]);
-      fc[j] = fusion_first(x);
-      bad |= is_finite_value(x) ? 0 : 1;
-    }
-    for (int64_t h = 1; h < H; ++h) {
-      const R* __restrict__ ah = a + h * sH + c0;
-      for (int64_t j = 0; j < len; ++j) {
-        const float x = raw_to_float<T>(ah[j]);
-        fc[j] = fusion_combine(FUSION, fc[j], x);
-        bad |= is_finite_value(x) ? 0 : 1;
-      }
-    }
-    if (FUSION == kFusionMean) {
-      for (int64_t j = 0; j < len; ++j) fc[j] = fusion_finish(FUSION, fc[j], H);
-    }
-  }
-  return bad == 0;
+  bool ok = true;
+  for (int64_t c0 = 0; c0 < n; c0 += kFuseChunk)
+    ok &= fuse_row<T, FUSION>(a + c0, sH, H, std::min(kFuseChunk, n - c0), f + c0);
+  return ok;
 }
 
 // Row i of the unnormalised M: m_ij = discard(F_ij) + [i == j], F[0, 0] kept when protect00 (t = -inf

@@ -6,7 +6,9 @@ object-placement test) next to the centre-prior, mean-map and uniform baselines,
 ``OUT/results.json`` and the README table ``OUT/RESULTS.md``, draws ``OUT/grid.png`` (input | teacher
 rollout | student prediction), and installs the best student within 10% of the teacher's multiply-adds
 as ``rollout_fast/assets/cifar10-vit-student.safetensors`` + ``.json`` (loaded by
-``rollout_fast.students.load_student("cifar10-vit")``). Resumable: run it again after an interruption.
+``rollout_fast.students.load_student("cifar10-vit")``), or as the shipped student named by
+``--install-as`` (the second command: the pruning student ``cifar10-vit-prune``). Resumable: run it
+again after an interruption.
 
     python python/train_students.py --data ../shared/data/cifar10 --out runs/students
     python python/train_students.py --data ../shared/data/cifar10 --out runs/students-prune \

@@ -641,17 +641,16 @@ def run_prune_eval(args) -> int:
             raise ValueError("--seeds: expected >= 1")
         if args.threads is not None and args.threads < 1:
             raise ValueError("--threads: expected >= 1")
-        student = None
+        student = student_name = None
         if "student" in scorers:  # resolved first: a missing student fails before any work
             from .students import pruning_student_name
 
-            name = args.student or pruning_student_name(args.model)
+            student_name = args.student or pruning_student_name(args.model)
             try:
-                student = make_scorer("student", student=name, thumbnail=args.student_thumbnail).student
+                student = make_scorer("student", student=student_name, thumbnail=args.student_thumbnail).student
             except (ValueError, OSError) as e:
-                raise ValueError(f"--scorers student: no student for {name!r} ({e}); "
+                raise ValueError(f"--scorers student: no student for {student_name!r} ({e}); "
                                  "pass --student NAME_OR_PATH or leave 'student' out") from None
-            args.student = name
     except ValueError as e:
         print(f"rollout-fast prune-eval: {e}", file=sys.stderr)
         return 2
@@ -667,7 +666,7 @@ def run_prune_eval(args) -> int:
                         thumbnail=args.student_thumbnail, block=args.cls_block,
                         rollout_discard_ratio=args.rollout_discard, progress=not args.no_progress,
                         accuracy=not args.throughput_only)
-    result["meta"].update(model=args.model, checkpoint=args.checkpoint, data=str(args.data), student=args.student)
+    result["meta"].update(model=args.model, checkpoint=args.checkpoint, data=str(args.data), student=student_name)
     paths = write_prune_eval(result, args.out)
     print(format_table(result))
     print("written: " + ", ".join(str(p) for p in paths))
