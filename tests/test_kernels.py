@@ -184,6 +184,22 @@ def test_cpu_fuzz_against_reference(L, B, H, N, P, fusion, ratio, readout, norma
                    reference.attention_rollout(att, **kw))
 
 
+@pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
+@pytest.mark.parametrize("H", range(1, 18))
+def test_cpu_every_head_count_matches_reference(H):
+    """The CPU kernel compiles its head-fusion loop for the common head counts (1, 3, 4, 6, 8, 12, 16) and
+    runs a generic loop for the rest: each count, both kinds, every fusion, against the reference. N = 75
+    (N*N > 4096: the sampled threshold bracket) and a row tail; batch 4 >= threads: the pipelined schedule."""
+    att = make_attention(2, 4, H, 75, torch.float32, generator=torch.Generator().manual_seed(H))
+    for fusion in reference.HEAD_FUSIONS:
+        kw = dict(head_fusion=fusion, discard_ratio=0.9, num_prefix_tokens=1, grid=(1, 74), readout="cls",
+                  normalize="max")
+        assert_matches(rollout_fast.attention_rollout(att, backend="cpu", **kw),
+                       reference.attention_rollout(att, **kw))
+        assert_matches(torch.ops.rollout_fast.fused_layers(att, fusion, 0.9, True),
+                       _reference_layers(att, fusion, 0.9, True))
+
+
 # ------------------------------------------------------------- per-layer steps, threshold selection, ties
 def _reference_layers(att, fusion, ratio, protect):
     return torch.stack([reference.residual_normalize(reference.discard_lowest(
@@ -471,14 +487,15 @@ def test_compiled_op_checks_its_arguments(args, match):
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_cpu_backend_finds_non_finite_values_itself(bad, dtype):
+@pytest.mark.parametrize("H", [2, 6])  # the generic head loop and a compiled-in head count
+def test_cpu_backend_finds_non_finite_values_itself(bad, dtype, H):
     """The CPU kernel checks finiteness during its one read, so the backend raises the reference's
     ValueError even when the separate Python pass (check_finite) is skipped."""
     from rollout_fast.kernels import backends
 
     for N in (9, 70):  # a row tail only, and full 8-wide vectors
-        att = make_attention(2, 3, 2, N, dtype=dtype)
-        att[1, 2, 1, N - 1, N // 2] = bad
+        att = make_attention(2, 3, H, N, dtype=dtype)
+        att[1, 2, H - 1, N - 1, N // 2] = bad
         args = reference.check_rollout_args(att, grid=(1, N - 1), check_finite=False)
         with pytest.raises(ValueError, match="attentions: contains NaN or infinite values"):
             backends.run_compiled(args)
