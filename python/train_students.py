@@ -128,7 +128,10 @@ def figure(best_dir: Path, data: str, path: Path, n: int = 8) -> None:
     idx = list(per_class.values())[:n]
     x = torch.stack([ds[i][0] for i in idx])
     r = card["rollout"]
-    t_maps = AttentionRollout(teacher, head_fusion=r["head_fusion"], discard_ratio=r["discard_ratio"])(x)
+    if r.get("target", "rollout") == "rollout":
+        t_maps = AttentionRollout(teacher, head_fusion=r["head_fusion"], discard_ratio=r["discard_ratio"])(x)
+    else:
+        t_maps = AttentionRollout(teacher, discard_ratio=r["discard_ratio"]).grad_rollout(x)
     s_maps = student.maps(x)
     save_grid(list(denormalize(x, dc["mean"], dc["std"])), [m.numpy() for m in t_maps], path,
               titles=[ds.classes[ds.samples[i][1]] for i in idx],
@@ -143,6 +146,8 @@ def main() -> None:
                    help="train on a seeded subset of CIFAR-10 train (default: all 50,000)")
     p.add_argument("--views", type=int, default=2, help="cached teacher-map views (view 0 unaugmented)")
     p.add_argument("--epochs-scale", type=float, default=1.0)
+    p.add_argument("--target", default="rollout", choices=["rollout", "grad-rollout"],
+                   help="teacher maps: attention rollout, or gradient rollout of the predicted class")
     p.add_argument("--head-fusion", default="mean")
     p.add_argument("--discard-ratio", type=float, default=0.0)
     p.add_argument("--max-shift", type=int, default=8, help="augmentation: max translation (px)")
@@ -167,13 +172,15 @@ def main() -> None:
                 rows.append(_row(name, args.fallback / name, " †"))
             continue
         cfg = DistillConfig(teacher="cifar10-vit", student=student, strategy=strategy, factor=factor,
-                            loss="kld", head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+                            loss="kld", target=args.target, head_fusion=args.head_fusion,
+                            discard_ratio=args.discard_ratio,
                             head_epochs=0, epochs=max(1, round(epochs * args.epochs_scale)), batch_size=128,
                             lr=2e-3, finetune_lr_scale=1.0, warmup_epochs=0.3, cache_targets=True,
                             views=args.views, max_shift=args.max_shift, train_images=args.train_images, val_images=2000,
                             workers=args.workers, **extra)
         command = (f"rollout-fast distill --teacher cifar10-vit --student {student} --strategy {strategy} "
-                   f"--factor {factor} --data {args.data} --out {out / name} --head-fusion {args.head_fusion} "
+                   f"--factor {factor} --data {args.data} --out {out / name} --target {args.target} "
+                   f"--head-fusion {args.head_fusion} "
                    f"--discard-ratio {args.discard_ratio} --head-epochs 0 --epochs {cfg.epochs} "
                    f"--finetune-lr-scale 1 --warmup-epochs 0.3 --cache-targets --views {args.views} "
                    f"--max-shift {args.max_shift} "
@@ -188,7 +195,9 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     eligible = [r for r in rows if r["cost"]["macs_relative_to_teacher_forward"] <= MAX_RELATIVE_MACS]
     best = max(eligible or rows, key=lambda r: r["centred"]["recall@0.5"])
-    md = [f"Students of `cifar10-vit` (rollout: head fusion {args.head_fusion}, discard ratio "
+    what = (f"rollout: head fusion {args.head_fusion}" if args.target == "rollout" else
+            "gradient rollout of the predicted class")
+    md = [f"Students of `cifar10-vit` ({what}, discard ratio "
           f"{args.discard_ratio}), CIFAR-10 test (10,000 images); *CC shifted*: every test image moved "
           f"{best['object_placement']['shift_pixels']} px diagonally (object-placement test).", "",
           table(rows), "",

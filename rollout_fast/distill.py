@@ -6,7 +6,9 @@
 Recipe (the seeds', REFERENCE.md section 5, made reproducible):
 
 - Targets: the frozen teacher (eval mode) gives attention-rollout maps through
-  :class:`rollout_fast.AttentionRollout` (the fused rollout op), on the *same augmented images* the
+  :class:`rollout_fast.AttentionRollout` (the fused rollout op; ``target='grad-rollout'``: its
+  class-specific gradient rollout for the teacher's predicted class, Chefer et al. 2021 as in
+  REFERENCE.md section 2, which selects tokens for pruning far better), on the *same augmented images* the
   student sees: computed on the fly per batch, or with ``cache_targets`` precomputed once for
   ``views`` augmented copies of the training set (view 0 unaugmented) and reused, which makes CPU
   training affordable. Augmentation = random translation by up to ``max_shift`` pixels (border filled
@@ -62,6 +64,7 @@ __all__ = ["LOSSES", "DistillConfig", "add_distill_parser", "config_from_args", 
            "distill_loss", "load_split_tensor", "run_distill", "view_params"]
 
 LOSSES = tuple(LOSS_ACTIVATIONS)
+TARGETS = ("rollout", "grad-rollout")
 
 
 @dataclass
@@ -73,6 +76,7 @@ class DistillConfig:
     strategy: str = "lowres"
     factor: int = 2
     loss: str = "kld"
+    target: str = "rollout"
     head_fusion: str = "mean"
     discard_ratio: float = 0.0
     head_epochs: int = 1
@@ -107,6 +111,8 @@ class DistillConfig:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target: expected one of {TARGETS}, got {self.target!r}")
         for n in ("factor", "batch_size", "views"):
             pos_int(n)
         for n in ("head_epochs", "epochs", "max_shift", "workers"):
@@ -378,7 +384,8 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     state = None
     if resume:
         state = load_training_state(ckpt_path)  # FileNotFoundError / ValueError: nothing written yet
-        if state.get("config") != asdict(cfg):
+        # fields added since a checkpoint was written read as their defaults
+        if {**asdict(DistillConfig()), **state.get("config", {})} != asdict(cfg):
             raise ValueError("resume: the checkpoint was written with a different configuration: "
                              f"{state.get('config')} vs {asdict(cfg)}")
     elif ckpt_path.exists():
@@ -394,6 +401,8 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     H, W = (int(s) for s in data_config["input_size"][-2:])
     grid = token_layout(teacher, (H, W)).grid
     explainer = AttentionRollout(teacher, head_fusion=cfg.head_fusion, discard_ratio=cfg.discard_ratio)
+    # (B, 3, H, W) -> (B, gh, gw) float32 teacher maps (grad rollout: for each image's predicted class)
+    teacher_maps = explainer if cfg.target == "rollout" else explainer.grad_rollout
     norm = _Normalizer(data_config["mean"], data_config["std"], dev)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     if rank == 0:
@@ -419,13 +428,14 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     N = len(train_x)
     if N < cfg.batch_size:
         raise ValueError(f"batch_size: {cfg.batch_size} exceeds the {N} training images")
-    teacher_key = _sha1(_teacher_fingerprint(teacher), cfg.head_fusion, cfg.discard_ratio, H, W)
+    teacher_key = _sha1(_teacher_fingerprint(teacher), cfg.head_fusion, cfg.discard_ratio, H, W,
+                        *(() if cfg.target == "rollout" else (cfg.target,)))
     eval_batch = 256
 
     def cached_maps(name, images, params, desc):
         path = cache / f"maps_{name}.pt"
         if rank == 0 and not path.is_file():
-            maps = _teacher_maps(explainer, norm, images, params, eval_batch, progress, desc)
+            maps = _teacher_maps(teacher_maps, norm, images, params, eval_batch, progress, desc)
             atomic_write(path, lambda tmp: torch.save(maps, tmp))
         _barrier(world)
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -530,7 +540,7 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
                 if cfg.cache_targets:
                     target = maps_a[idx].to(dev)
                 else:
-                    target = explainer(x)
+                    target = teacher_maps(x)
                     if epoch == 0:
                         seen_sum += target.double().sum(0).cpu()
                         seen_count += len(target)
@@ -606,7 +616,8 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     cc_drop = centred["cc"] - shifted["cc"]
     metrics = _round({
         "student": student.spec, "teacher": cfg.teacher,
-        "rollout": {"head_fusion": cfg.head_fusion, "discard_ratio": cfg.discard_ratio,
+        "rollout": {"target": cfg.target, "head_fusion": cfg.head_fusion if cfg.target == "rollout" else
+                    "gradient-weighted mean", "discard_ratio": cfg.discard_ratio,
                     "readout": explainer.readout, "normalize": explainer.normalize},
         "test_images": len(test_x), "centred": centred, "shifted": shifted,
         "object_placement": {"shift_pixels": shift, "cc_centred": centred["cc"], "cc_shifted": shifted["cc"],
@@ -651,7 +662,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and test/")
     p.add_argument("--out", required=True, help="output folder (checkpoints, log, weights, card, metrics)")
     p.add_argument("--loss", choices=LOSSES, default=d.loss)
-    p.add_argument("--head-fusion", choices=["mean", "max", "min"], default=d.head_fusion)
+    p.add_argument("--target", choices=TARGETS, default=d.target,
+                   help="teacher maps to predict: attention rollout, or gradient rollout of the teacher's "
+                        "predicted class (the better token selector for pruning)")
+    p.add_argument("--head-fusion", choices=["mean", "max", "min"], default=d.head_fusion,
+                   help="head fusion of --target rollout")
     p.add_argument("--discard-ratio", type=float, default=d.discard_ratio)
     p.add_argument("--head-epochs", type=int, default=d.head_epochs, help="phase 1: frozen backbone")
     p.add_argument("--epochs", type=int, default=d.epochs, help="phase 2: all weights")
@@ -710,7 +725,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
             options[key] = value
     return DistillConfig(
         teacher=args.teacher, student=args.student, strategy=args.strategy, factor=args.factor,
-        loss=args.loss, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+        loss=args.loss, target=args.target, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
         head_epochs=args.head_epochs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         finetune_lr_scale=args.finetune_lr_scale, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, seed=args.seed, cache_targets=args.cache_targets,

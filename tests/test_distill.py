@@ -123,6 +123,31 @@ def test_cached_targets_are_the_teachers_rollout_of_the_augmented_images(tiny_ci
     assert any(m.shape == want.shape and torch.allclose(m, want, atol=1e-6) for m in cached)
 
 
+def test_grad_rollout_targets_are_the_teachers_gradient_rollout(tiny_cifar, tiny_teacher, tmp_path):
+    """target='grad-rollout': the cached maps are the teacher's gradient rollout (predicted class) of the
+    same augmented images, cached apart from the attention-rollout maps, and the card says which."""
+    from rollout_fast import AttentionRollout, load_teacher
+    from rollout_fast.distill import _Normalizer, load_split_tensor
+
+    cache = tmp_path / "cache"
+    distill(tiny_cifar, tmp_path / "plain", cfg(tiny_teacher, cache_targets=True, views=1, head_epochs=0),
+            device="cpu", progress=False, cache_dir=cache)
+    before = set(cache.glob("maps_*.pt"))
+    c = cfg(tiny_teacher, target="grad-rollout", cache_targets=True, views=1, head_epochs=0)
+    metrics = distill(tiny_cifar, tmp_path / "grad", c, device="cpu", progress=False, cache_dir=cache)
+    assert metrics["rollout"]["target"] == "grad-rollout"
+    new = set(cache.glob("maps_*.pt")) - before
+    assert len(new) == 3  # test centred, test shifted, train view 0: none reused from the plain run
+    teacher, dc = load_teacher(tiny_teacher)
+    images, _, _ = load_split_tensor(tiny_cifar / "train", (32, 32))
+    x = _Normalizer(dc["mean"], dc["std"], "cpu")(images, *view_params(0, 0, len(images), c.max_shift, c.flip))
+    want = AttentionRollout(teacher).grad_rollout(x)
+    plain = AttentionRollout(teacher)(x)
+    cached = [torch.load(p, weights_only=True) for p in new]
+    assert any(m.shape == want.shape and torch.allclose(m, want, atol=1e-6) for m in cached)
+    assert not torch.allclose(want, plain, atol=1e-3)  # a different map, so the test can tell them apart
+
+
 def test_interrupted_run_resumes_bit_exactly(tiny_cifar, tiny_teacher, tmp_path, monkeypatch):
     c = cfg(tiny_teacher, strategy="mask", head_epochs=0, epochs=2)  # mask: training draws random tokens
     distill(tiny_cifar, tmp_path / "full", c, device="cpu", progress=False)
@@ -176,6 +201,8 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_cifar, tiny_teache
         distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, batch_size=0), progress=False)
     with pytest.raises(ValueError, match="loss"):
         distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, loss="l2"), progress=False)
+    with pytest.raises(ValueError, match="target"):
+        distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, target="saliency"), progress=False)
 
 
 def test_cli_subcommand(tiny_cifar, tiny_teacher, tmp_path, capsys):

@@ -23,6 +23,7 @@ from rollout_fast.capture import UnsupportedModelError, capture_attention
 from rollout_fast.gather import topk_gather_reference
 from rollout_fast.prune import (
     ClsAttentionScorer,
+    GradRolloutScorer,
     PrunedViT,
     RandomScorer,
     RolloutScorer,
@@ -91,7 +92,7 @@ def test_pruned_forward_equals_hand_written_forward(name):
         assert torch.equal(prune_tokens(model, 1.0, lambda im: scores)(x), full)
 
 
-@pytest.mark.parametrize("scorer", ["random", "rollout", "cls-attention"])
+@pytest.mark.parametrize("scorer", ["random", "rollout", "grad-rollout", "cls-attention"])
 def test_keep_one_equals_unpruned_model_exactly(scorer):
     model = MODELS["deit-distilled"]()
     x = _images("vit", B=5)
@@ -187,6 +188,24 @@ def test_rollout_scorer_uses_the_models_rollout():
     assert torch.equal(RolloutScorer().score(model, x), want)
     want0 = rollout_fast.AttentionRollout(model, discard_ratio=0.0)(x).flatten(1)
     assert torch.equal(RolloutScorer(discard_ratio=0.0).score(model, x), want0)
+
+
+def test_grad_rollout_scorer_uses_the_models_gradient_rollout():
+    """The scores are the model's gradient rollout for its predicted class, also under inference mode (the
+    scorer runs its backward outside it), and the pruned model's parameters get no ``.grad``."""
+    import rollout_fast
+
+    model = MODELS["vit"]()
+    x = _images("vit")
+    want = rollout_fast.AttentionRollout(model).grad_rollout(x).flatten(1)
+    assert torch.equal(GradRolloutScorer().score(model, x), want)
+    with torch.inference_mode():
+        got = GradRolloutScorer().score(model, x)
+        out = prune_tokens(model, 0.5, "grad-rollout")(x)
+    assert torch.equal(got, want)
+    kept = keep_count(0.5, want.shape[1])
+    assert torch.equal(out, _manual_forward(model, x, want, kept))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_random_scorer_is_reproducible_and_seed_dependent():
@@ -298,7 +317,7 @@ def test_prune_eval_cli_on_real_photos(imagenet_sample, tmp_path, capsys):
     out = tmp_path / "out"
     rc = _run(["prune-eval", "--model", "vit_tiny_patch16_224", "--checkpoint", str(ckpt), "--timm-arg", "img_size=64",
                "--timm-arg", "depth=2", "--data", str(imagenet_sample), "--limit", "6", "--scorers",
-               "random,rollout,cls-attention", "--keep", "1.0,0.5,0.1", "--seeds", "2", "--batch-size", "4",
+               "random,rollout,grad-rollout,cls-attention", "--keep", "1.0,0.5,0.1", "--seeds", "2", "--batch-size", "4",
                "--throughput-batches", "1,3", "--throughput-time", "0", "--out", str(out), "--no-progress"])
     assert rc == 0
     assert "| random |" in capsys.readouterr().out
@@ -309,10 +328,10 @@ def test_prune_eval_cli_on_real_photos(imagenet_sample, tmp_path, capsys):
     rows = {(r["scorer"], r["keep_ratio"]): r for r in res["rows"]}
     assert rows[("random", 0.5)]["tokens_kept"] == 8 and rows[("random", 0.1)]["tokens_kept"] == 2
     assert rows[("random", 0.5)]["seeds"] == 2
-    for s in ("random", "rollout", "cls-attention"):
+    for s in ("random", "rollout", "grad-rollout", "cls-attention"):
         assert rows[(s, 1.0)]["top1"] == res["meta"]["full_top1"] and rows[(s, 1.0)]["top1_std"] == 0.0
     assert {(t["scorer"], t["batch"]) for t in res["throughput"]} == {
-        (s, b) for s in ("full", "random", "rollout", "cls-attention") for b in (1, 3)}
+        (s, b) for s in ("full", "random", "rollout", "grad-rollout", "cls-attention") for b in (1, 3)}
     assert all(t["images_per_s"] > 0 for t in res["throughput"])
     out2 = tmp_path / "tp"
     rc = _run(["prune-eval", "--model", "vit_tiny_patch16_224", "--timm-arg", "img_size=32", "--timm-arg", "depth=1",
