@@ -66,14 +66,17 @@ namespace cpu_avx2 {
 
 // The instruction set the kernel runs with: "avx512" (the AVX2 build, plus AVX-512 in the threshold's
 // bracket gather) where the CPU also has AVX-512F/VL, "avx2" where it has AVX2, FMA and F16C, else
-// "baseline". ROLLOUT_FAST_CPU_ISA=avx2 or =baseline caps it (tests compare the three: same bits).
+// "baseline". ROLLOUT_FAST_CPU_ISA=avx2 or =baseline caps it (tests compare the three: same bits); another
+// value raises ValueError (a typo must not silently leave the kernel at a level nobody asked for).
 const char* cpu_isa() {
+  const char* env = std::getenv("ROLLOUT_FAST_CPU_ISA");
+  const std::string_view forced = env != nullptr ? env : "";
+  TORCH_CHECK_VALUE(forced.empty() || forced == "avx512" || forced == "avx2" || forced == "baseline",
+                    "ROLLOUT_FAST_CPU_ISA: expected 'avx512', 'avx2' or 'baseline' (or unset), got '", forced, "'");
 #if defined(ROLLOUT_FAST_HAVE_AVX2)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("f16c");
   static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  const char* env = std::getenv("ROLLOUT_FAST_CPU_ISA");
-  const std::string_view forced = env != nullptr ? env : "";
   if (avx512 && forced != "avx2" && forced != "baseline") return "avx512";
   if (avx2 && forced != "baseline") return "avx2";
 #endif

@@ -485,6 +485,17 @@ def test_compiled_op_checks_its_arguments(args, match):
 
 
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
+def test_unknown_cpu_isa_value_is_refused(monkeypatch):
+    monkeypatch.setenv("ROLLOUT_FAST_CPU_ISA", "avx-512")
+    with pytest.raises(ValueError, match="ROLLOUT_FAST_CPU_ISA: expected 'avx512', 'avx2' or 'baseline'"):
+        _ext.load().cpu_isa()
+    with pytest.raises(ValueError, match="ROLLOUT_FAST_CPU_ISA"):
+        torch.ops.rollout_fast.rollout(make_attention(1, 1, 1, 5), "mean", 0.0, 1, True, "cls", "max")
+    monkeypatch.setenv("ROLLOUT_FAST_CPU_ISA", "avx512")  # an explicit top level is allowed
+    assert _ext.load().cpu_isa() in CPU_ISA_LEVELS
+
+
+@pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("H", [2, 6])  # the generic head loop and a compiled-in head count
