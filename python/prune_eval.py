@@ -25,7 +25,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/cifar10/test")
     p.add_argument("--out", default="runs/prune")
-    p.add_argument("--scorers", default="random,rollout,cls-attention,student")
+    p.add_argument("--scorers", default="random,rollout,grad-rollout,cls-attention,student")
     p.add_argument("--keep", default="1.0,0.9,0.75,0.5,0.4,0.25,0.1")
     args, extra = p.parse_known_args()
 

@@ -1,6 +1,7 @@
 """Recipe: distil rollout-predicting students from the embedded CIFAR-10 teacher, tabulate, ship the best.
 
-Trains the students below on CIFAR-10 train against ``cifar10-vit``'s attention rollout (one shared
+Trains the students below on CIFAR-10 train against ``cifar10-vit``'s attention rollout (``--target
+grad-rollout``: its gradient rollout for the predicted class, the pruning student's target; one shared
 cache of teacher maps), evaluates each on the 10,000 test images (centred and shifted for the
 object-placement test) next to the centre-prior, mean-map and uniform baselines, writes
 ``OUT/results.json`` and the README table ``OUT/RESULTS.md``, draws ``OUT/grid.png`` (input | teacher
@@ -12,7 +13,7 @@ again after an interruption.
 
     python python/train_students.py --data ../shared/data/cifar10 --out runs/students
     python python/train_students.py --data ../shared/data/cifar10 --out runs/students-prune \
-        --discard-ratio 0.97 --only resnet-cifar-lowres-f2 --install-as cifar10-vit-prune
+        --target grad-rollout --only resnet-cifar-lowres-f2 --install-as cifar10-vit-prune
 
 Every run goes through the public API (``rollout_fast.distill.distill``, the code behind
 ``rollout-fast distill``). Backbones are trained from scratch (timm's pretrained weights cannot be
@@ -156,7 +157,7 @@ def main() -> None:
     p.add_argument("--no-install", action="store_true")
     p.add_argument("--install-as", default="cifar10-vit", choices=sorted(EMBEDDED_STUDENTS),
                    help="the shipped student to replace (cifar10-vit-prune: the pruning student, trained with "
-                        "--discard-ratio 0.97 --only resnet-cifar-lowres-f2)")
+                        "--target grad-rollout --only resnet-cifar-lowres-f2)")
     p.add_argument("--fallback", type=Path, default=None,
                    help="with --only: take runs missing from OUT from this earlier output folder (marked †)")
     args = p.parse_args()

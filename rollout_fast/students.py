@@ -520,8 +520,9 @@ def _assets() -> Path:
 
 
 # Shipped students, by name: "cifar10-vit" predicts the embedded teacher's rollout at discard ratio 0 (the
-# rollout people inspect; issue 5's metrics); "cifar10-vit-prune" predicts it at discard 0.97, the rollout
-# that selects the best patch tokens for pruned inference (rollout_fast.prune; ``prune-eval``'s default).
+# rollout people inspect; issue 5's metrics); "cifar10-vit-prune" predicts the teacher's gradient rollout for
+# its predicted class (distill --target grad-rollout), the map that selects the best patch tokens to keep for
+# pruned inference (rollout_fast.prune; ``prune-eval``'s default).
 EMBEDDED_STUDENTS = {"cifar10-vit": _assets() / "cifar10-vit-student",
                      "cifar10-vit-prune": _assets() / "cifar10-vit-prune-student"}
 
@@ -552,7 +553,8 @@ def load_student(name: str | os.PathLike = "cifar10-vit", *, device: str | torch
 
     Args:
         name: a shipped student (``"cifar10-vit"``: the embedded teacher's rollout at discard 0;
-            ``"cifar10-vit-prune"``: the same teacher's rollout at discard 0.97, for token pruning), or a path
+            ``"cifar10-vit-prune"``: the same teacher's gradient rollout for its predicted class, for token
+            pruning), or a path
             to a student ``.safetensors`` with its ``.json`` card beside it (as written by
             ``rollout-fast distill``).
         device: where to put it.
