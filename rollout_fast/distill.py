@@ -113,6 +113,9 @@ class DistillConfig:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {self.target!r}")
+        if self.target == "grad-rollout" and self.head_fusion != "mean":
+            raise ValueError(f"head_fusion: applies to target 'rollout' only (gradient rollout fuses heads by the "
+                             f"gradient-weighted mean), got {self.head_fusion!r} with target 'grad-rollout'")
         for n in ("factor", "batch_size", "views"):
             pos_int(n)
         for n in ("head_epochs", "epochs", "max_shift", "workers"):

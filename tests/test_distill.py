@@ -203,6 +203,9 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_cifar, tiny_teache
         distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, loss="l2"), progress=False)
     with pytest.raises(ValueError, match="target"):
         distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, target="saliency"), progress=False)
+    with pytest.raises(ValueError, match="head_fusion: applies to target 'rollout' only"):
+        distill(tiny_cifar, tmp_path / "x", cfg(tiny_teacher, target="grad-rollout", head_fusion="max"),
+                progress=False)
 
 
 def test_cli_subcommand(tiny_cifar, tiny_teacher, tmp_path, capsys):
