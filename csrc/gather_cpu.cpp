@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gather_cpu(const at::Tensor& tokens, con
   const at::Tensor sc = scores.stride(1) == 1 ? scores : scores.contiguous();
   at::Tensor out = at::empty({s.B, s.P + s.k, s.D}, tok.options());
   at::Tensor idx = at::empty({s.B, s.k}, sc.options().dtype(at::kLong));
-  if (s.B == 0 || s.D == 0) return {out, idx};
+  if (s.B == 0) return {out, idx};  // D == 0 still selects: the indices are an output too
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tok.scalar_type(), "rollout_fast_topk_gather_cpu", [&] {
     gather_rows<scalar_t>(tok.const_data_ptr<scalar_t>(), sc.const_data_ptr<float>(), out.data_ptr<scalar_t>(),
                           idx.data_ptr<int64_t>(), s, tok.stride(0), tok.stride(1), sc.stride(0));

@@ -149,6 +149,16 @@ def test_keep_counts_with_all_equal_scores(backend, k):
     assert torch.equal(kept.cpu(), tokens[:, :1 + k].cpu())
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_zero_width_tokens_still_select(backend):
+    """D = 0: nothing to copy, but the indices are an output too and must equal the reference's."""
+    device = _device(backend)
+    tokens = torch.zeros(3, 10, 0, device=device)
+    scores = torch.randn(3, 9, generator=torch.Generator().manual_seed(3)).to(device)
+    got = topk_gather(tokens, scores, 4, 1, backend=backend)
+    _assert_same(got, topk_gather_reference(tokens.cpu(), scores.cpu(), 4, 1), backend)
+
+
 @pytest.mark.skipif(not HAS_OP, reason=NO_OP)
 @settings(max_examples=60, deadline=None)
 @given(B=st.integers(1, 4), G=st.integers(1, 80), P=st.integers(0, 3), D=st.integers(1, 9),

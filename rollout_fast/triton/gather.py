@@ -101,9 +101,11 @@ def _topk_gather(tokens: torch.Tensor, scores: torch.Tensor, k: int,
     sc = scores if scores.stride(-1) == 1 else scores.contiguous()
     out = torch.empty((B, P + k, D), device=tok.device, dtype=tok.dtype)
     idx = torch.empty((B, k), device=tok.device, dtype=torch.int64)
-    if B == 0 or D == 0:
+    if B == 0:
         return out, idx
     wrap_triton(_select_kernel)[(B,)](sc, idx, G, k, sc.stride(0), BLOCK_G=triton.next_power_of_2(G))
+    if D == 0:  # nothing to copy; the indices are an output too
+        return out, idx
     src, dst = tok, out
     if INTERPRETED and tok.dtype == torch.bfloat16:  # the interpreter has no bfloat16: move the bits
         src, dst = tok.view(torch.int16), out.view(torch.int16)
