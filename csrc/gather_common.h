@@ -18,31 +18,19 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <cstring>
 
-#if defined(__CUDACC__)
-#define RFG_HD __host__ __device__ __forceinline__
-#else
-#define RFG_HD inline
-#endif
+#include "rollout_common.h"
 
 namespace rollout_fast {
 namespace gather {
 
-// Order-preserving key of a float32 score (-0 counts as +0).
-RFG_HD uint32_t score_key(float v) {
-  if (v == 0.0f) v = 0.0f;  // -0 -> +0 (NaN compares false and keeps its bits)
-#if defined(__CUDA_ARCH__)
-  const uint32_t u = __float_as_uint(v);
-#else
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-#endif
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+// Order-preserving key of a float32 score (rollout_common.h's float_to_key; -0 counts as +0).
+RF_HD uint32_t score_key(float v) {
+  return float_to_key(v == 0.0f ? 0.0f : v);  // NaN compares false and keeps its bits
 }
 
 // True when patch a (key ka) is ranked before patch b (key kb): larger key, or equal key and lower index.
-RFG_HD bool ranks_before(uint32_t ka, int64_t a, uint32_t kb, int64_t b) {
+RF_HD bool ranks_before(uint32_t ka, int64_t a, uint32_t kb, int64_t b) {
   return ka > kb || (ka == kb && a < b);
 }
 

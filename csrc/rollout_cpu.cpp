@@ -11,7 +11,8 @@
 // applies discard + residual + row normalisation, and feeds the row-vector chain u^T M_L ... M_1 of the
 // 'cls'/'mean' readouts (O(L N^2)); 'full' keeps every M_l and multiplies them with at::bmm. The
 // kernel (rollout_cpu_impl.h) is compiled for the baseline ISA and, on x86-64, for AVX2+FMA+F16C,
-// picked at run time; with -ffp-contract=off and fixed reduction orders both give the same bits.
+// picked at run time (the AVX2 build also has an AVX-512 bracket gather, used where cpu_isa() says
+// "avx512"); with -ffp-contract=off and fixed reduction orders all levels give the same bits.
 // Per-element logic: rollout_common.h (shared with the CUDA kernels).
 
 #include <ATen/Dispatch.h>
@@ -85,7 +86,7 @@ const char* cpu_isa() {
 
 namespace {
 
-// ROLLOUT_DISPATCH(ok, att, fusion, FN, args...) sets ok = cpu_<isa>::FN<scalar_t, FUSION>(data, args...)
+// ROLLOUT_DISPATCH(ok, att, fusion, FN, args...) sets ok = cpu_{base,avx2}::FN<scalar_t, FUSION>(data, args...)
 // for the attention's dtype, the head fusion and the ISA of cpu_isa().
 #if defined(ROLLOUT_FAST_HAVE_AVX2)
 #define ROLLOUT_ISA_CALL(FN, T, FUSION, ...)                                  \

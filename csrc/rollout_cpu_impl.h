@@ -5,14 +5,16 @@
 // included before.
 // ROLLOUT_CPU_F16C selects the vectorisable hardware float16 conversion.
 //
-// Schedules (both run the same per-row functions in the same order, so the result is bitwise the same
-// for any thread count):
-//   per_sample: parallel over samples; each sample runs its layers last to first with an N*N scratch
-//               that stays in cache: fuse the heads, select the threshold, then normalise each row
-//               the chain reads (v[i] != 0) and add it to the row-vector chain, prefetching the next
-//               matrix's first bytes meanwhile (its read then overlaps this compute).
-//   layers + chain: parallel over (layer, sample, row) into a stored (L, B, N, N) M, then the chain
-//               per sample (small batches, the 'full' readout, and the fused_layers op).
+// Schedules (both compute every entry, sum and product in the same order, so the result is bitwise the
+// same for any thread count):
+//   per_sample: parallel over samples; each sample runs its layers last to first with two N*N scratches
+//               that stay in cache: select the threshold of the fused matrix, then normalise each row the
+//               chain reads (v[i] != 0) on the fly and add it to the row-vector chain; with contiguous
+//               rows the next matrix's heads are fused into the other scratch in slices between these
+//               steps (FuseAhead: its read overlaps this compute).
+//   layers + chain: parallel over (layer, sample, run of kFuseChunk entries) -- over rows when they are
+//               not contiguous -- into a stored (L, B, N, N) M, then the chain per sample (small batches,
+//               the 'full' readout, and the fused_layers op).
 
 // ----------------------------------------------------------------------------- element loads
 // Loads go through the raw storage type (uint16_t for float16/bfloat16), which the vectoriser handles
@@ -138,10 +140,13 @@ bool fuse_row_h(const T* a_typed, int64_t sH, int64_t H_runtime, int64_t N, floa
 }
 
 // fuse_row_h with the head count as a compile-time constant for the common ViT head counts, so the
-// head loops unroll into straight-line loads (measured on DeiT-S shapes, 2 threads: the pipelined op
-// went from ~1.8x to ~1.45x the memory floor; a runtime head loop per 8 elements starves the stream).
+// AVX2 loop's heads unroll into straight-line loads (measured on DeiT-S shapes, 2 threads: the pipelined
+// op went from ~1.8x to ~1.45x the memory floor; a runtime head loop per 8 elements starves the stream).
+// The baseline build and float64 loop over heads outermost, where the constant buys nothing.
 template <typename T, int FUSION>
 bool fuse_row(const T* a, int64_t sH, int64_t H, int64_t N, float* __restrict__ f) {
+#if defined(ROLLOUT_CPU_F16C)
+  if constexpr (std::is_same_v<T, double>) return fuse_row_h<T, FUSION>(a, sH, H, N, f);
   switch (H) {
     case 1: return fuse_row_h<T, FUSION, 1>(a, sH, H, N, f);
     case 3: return fuse_row_h<T, FUSION, 3>(a, sH, H, N, f);
@@ -152,6 +157,9 @@ bool fuse_row(const T* a, int64_t sH, int64_t H, int64_t N, float* __restrict__ 
     case 16: return fuse_row_h<T, FUSION, 16>(a, sH, H, N, f);
     default: return fuse_row_h<T, FUSION>(a, sH, H, N, f);
   }
+#else
+  return fuse_row_h<T, FUSION>(a, sH, H, N, f);
+#endif
 }
 
 // f[0..n) = head fusion of a[h * sH + e] for a contiguous run of n elements (e.g. a whole (N, N) matrix
@@ -337,7 +345,21 @@ inline uint32_t select_key(uint32_t* __restrict__ keys, int64_t m, int64_t r, ui
 }
 
 // One pass over x[0..n): *below = #(key < lo); the keys in [lo, hi] go to cand (in order; cand holds
-// n + 16 entries); returns their number.
+// n + 16 entries); returns their number. The scalar pass is the baseline build's and the SIMD passes'
+// tail.
+inline int64_t gather_bracket_scalar(const float* __restrict__ x, int64_t n, uint32_t lo, uint32_t hi,
+                                     uint32_t* __restrict__ cand, int64_t* below_out) {
+  int64_t below = 0, m = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const uint32_t key = float_to_key(x[e]);
+    below += key < lo ? 1 : 0;
+    cand[m] = key;
+    m += (key >= lo && key <= hi) ? 1 : 0;
+  }
+  *below_out = below;
+  return m;
+}
+
 #if defined(ROLLOUT_CPU_F16C)  // the AVX2 build: 8 values per step, left-packed with a permutation
 struct LeftPack {
   uint32_t idx[256][8];
@@ -375,12 +397,8 @@ inline int64_t gather_bracket(const float* __restrict__ x, int64_t n, uint32_t l
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), below8);
   int64_t below = 0;
   for (int q = 0; q < 8; ++q) below += lanes[q];
-  for (; e < n; ++e) {
-    const uint32_t key = float_to_key(x[e]);
-    below += key < lo ? 1 : 0;
-    if (key >= lo && key <= hi) cand[m++] = key;
-  }
-  *below_out = below;
+  m += gather_bracket_scalar(x + e, n - e, lo, hi, cand + m, below_out);
+  *below_out += below;
   return m;
 }
 
@@ -403,26 +421,14 @@ __attribute__((target("avx512f,avx512vl"))) inline int64_t gather_bracket16(
     below += __builtin_popcount(static_cast<unsigned>(lt));
     m += __builtin_popcount(static_cast<unsigned>(in));
   }
-  for (; e < n; ++e) {
-    const uint32_t key = float_to_key(x[e]);
-    below += key < lo ? 1 : 0;
-    if (key >= lo && key <= hi) cand[m++] = key;
-  }
-  *below_out = below;
+  m += gather_bracket_scalar(x + e, n - e, lo, hi, cand + m, below_out);
+  *below_out += below;
   return m;
 }
 #else
 inline int64_t gather_bracket(const float* __restrict__ x, int64_t n, uint32_t lo, uint32_t hi,
                               uint32_t* __restrict__ cand, int64_t* below_out) {
-  int64_t below = 0, m = 0;
-  for (int64_t e = 0; e < n; ++e) {
-    const uint32_t key = float_to_key(x[e]);
-    below += key < lo ? 1 : 0;
-    cand[m] = key;
-    m += (key >= lo && key <= hi) ? 1 : 0;
-  }
-  *below_out = below;
-  return m;
+  return gather_bracket_scalar(x, n, lo, hi, cand, below_out);
 }
 #endif
 
@@ -508,20 +514,20 @@ struct Kernel {
   // (M then undefined) when the attention holds a NaN or an infinity.
   bool layers(float* M) const {
     const int64_t N = p.N, NN = N * N, LB = p.L * p.B;
-    const int64_t fuse_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.H * N));
     std::atomic<bool> finite{true};
-    if (p.sI == N) {  // rows contiguous: parallel over (layer, sample, chunk) runs, heads outermost
+    if (p.sI == N) {  // rows contiguous: parallel over (layer, sample, run of kFuseChunk entries)
       const int64_t chunks = (NN + kFuseChunk - 1) / kFuseChunk;
       at::parallel_for(0, LB * chunks, 1, [&](int64_t u0, int64_t u1) {
         bool ok = true;
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t lb = u / chunks, c0 = (u % chunks) * kFuseChunk;
-          ok &= fuse_run<T, FUSION>(base(lb / p.B, lb % p.B) + c0, p.sH, p.H, std::min(kFuseChunk, NN - c0),
+          ok &= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + c0, p.sH, p.H, std::min(kFuseChunk, NN - c0),
                                     M + lb * NN + c0);
         }
         if (!ok) finite.store(false, std::memory_order_relaxed);
       });
     } else {
+      const int64_t fuse_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.H * N));
       at::parallel_for(0, LB * N, fuse_grain, [&](int64_t r0, int64_t r1) {
         bool ok = true;
         for (int64_t r = r0; r < r1; ++r) {
