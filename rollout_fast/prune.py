@@ -271,7 +271,9 @@ class StudentScorer(PatchScorer):
     Args:
         student: any module/callable mapping ``(B, 3, h, w)`` images to maps; run under ``no_grad``.
         thumbnail: None (the student gets the model's input as is) or an int / (h, w): images are resized
-            with antialiased bilinear interpolation first, the seeds' cheap low-resolution input.
+            with antialiased bilinear interpolation first, the seeds' cheap low-resolution input. Not for a
+            :class:`rollout_fast.students.RolloutStudent`, which takes the model's input and makes its own
+            thumbnail (ValueError).
 
     A student exposing ``grid`` / ``grid_size`` is checked against the model's patch grid by
     :func:`prune_tokens`; otherwise its output shape is checked at each call.
@@ -283,6 +285,9 @@ class StudentScorer(PatchScorer):
         if not callable(student):
             raise TypeError(f"student: expected a module or callable, got {type(student).__name__}")
         self.student = student
+        if thumbnail is not None and hasattr(student, "thumbnail_size"):
+            raise ValueError(f"thumbnail: this student makes its own {tuple(student.thumbnail_size)} thumbnail from "
+                             "the model's input; leave thumbnail unset (--student-thumbnail is for other students)")
         if isinstance(thumbnail, int):
             thumbnail = (thumbnail, thumbnail)
         self.thumbnail = None if thumbnail is None else tuple(int(s) for s in thumbnail)
@@ -683,10 +688,14 @@ def run_prune_eval(args) -> int:
 
             student_name = args.student or pruning_student_name(args.model)
             try:
-                student = make_scorer("student", student=student_name, thumbnail=args.student_thumbnail).student
+                student = make_scorer("student", student=student_name).student
             except (ValueError, OSError) as e:
                 raise ValueError(f"--scorers student: no student for {student_name!r} ({e}); "
                                  "pass --student NAME_OR_PATH or leave 'student' out") from None
+            try:
+                StudentScorer(student, thumbnail=args.student_thumbnail)
+            except ValueError as e:
+                raise ValueError(f"--student-thumbnail: {e}") from None
     except ValueError as e:
         print(f"rollout-fast prune-eval: {e}", file=sys.stderr)
         return 2

@@ -245,6 +245,15 @@ def test_student_scorer_on_a_thumbnail():
     assert isinstance(pruned, PrunedViT) and pruned.student is student
 
 
+def test_thumbnail_is_refused_for_a_student_that_makes_its_own():
+    from rollout_fast.students import create_student
+
+    student = create_student("resnet-cifar", strategy="lowres", factor=2, input_size=(32, 32), grid=(8, 8))
+    with pytest.raises(ValueError, match="thumbnail: this student makes its own \\(16, 16\\) thumbnail"):
+        prune_tokens(MODELS["vit"](), 0.5, "student", student=student, thumbnail=16)
+    assert prune_tokens(MODELS["vit"](), 0.5, "student", student=student) is not None
+
+
 # ------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.5", None])
 def test_bad_keep_ratio(ratio):
@@ -363,6 +372,7 @@ def test_prune_eval_keep_one_predictions_equal_unpruned(imagenet_sample):
     (["--keep", "1.2"], "keep_ratio"),
     (["--scorers", "random,entropy"], "--scorers"),
     (["--scorers", "student", "--student", "/nonexistent/student.safetensors"], "no student"),
+    (["--scorers", "student", "--student-thumbnail", "16"], "--student-thumbnail: thumbnail: this student makes"),
     (["--timm-arg", "img_size"], "KEY=VALUE"),
     (["--threads", "0"], "--threads"),
     (["--seeds", "0"], "--seeds"),
