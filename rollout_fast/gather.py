@@ -32,15 +32,17 @@ DynamicViT (Rao et al., NeurIPS 2021), applied once before the blocks as in the 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
+
+from .kernels import backends as _kb
 
 __all__ = ["GATHER_BACKENDS", "available_gather_backends", "score_keys", "topk_gather", "topk_gather_reference"]
 
 GATHER_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _state = {"fakes": False}
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: topk_gather is a hot path
 
 
 # ------------------------------------------------------------------------------------------- reference
@@ -89,16 +91,21 @@ def _register_fakes() -> None:
         return (tokens.new_empty((B, num_prefix_tokens + k, D)),
                 scores.new_empty((B, k), dtype=torch.int64))
 
-    def _setup_context(ctx, inputs, output):
-        tokens, _, _, P = inputs
-        ctx.shape, ctx.P = tokens.shape, P
-        ctx.save_for_backward(output[1])
+    torch.library.register_autograd("rollout_fast::topk_gather", gather_backward,
+                                    setup_context=gather_setup_context)
 
-    def _backward(ctx, grad_kept, grad_indices):
-        (idx,) = ctx.saved_tensors
-        return _scatter_back(grad_kept, idx, ctx.shape, ctx.P), None, None, None
 
-    torch.library.register_autograd("rollout_fast::topk_gather", _backward, setup_context=_setup_context)
+# Autograd of the gather ops (the compiled rollout_fast::topk_gather and the Triton topk_gather_triton):
+# the kept tokens' gradient goes back to the tokens they came from, 0 for the dropped ones; none to scores.
+def gather_setup_context(ctx, inputs, output):
+    tokens, _, _, P = inputs
+    ctx.shape, ctx.P = tokens.shape, P
+    ctx.save_for_backward(output[1])
+
+
+def gather_backward(ctx, grad_kept, grad_indices):
+    (idx,) = ctx.saved_tensors
+    return _scatter_back(grad_kept, idx, ctx.shape, ctx.P), None, None, None
 
 
 def _scatter_back(grad_kept: torch.Tensor, idx: torch.Tensor, shape, P: int) -> torch.Tensor:
@@ -129,20 +136,8 @@ def load() -> bool:
     return True
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def _triton_supports(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu" or not _interpret():
-        return False
-    from .triton import gather as tg
-
-    return tg.INTERPRETED
+    return _HAS_TRITON and _kb.triton_supports(device)
 
 
 def _cuda_built() -> bool:

@@ -213,17 +213,19 @@ def test_opcheck_triton():
                           (tokens, torch.randn(3, 11, device=device), 4, 1))
 
 
-@pytest.mark.skipif(not HAS_OP, reason=NO_OP)
-def test_gradient_flows_to_kept_tokens_only():
-    tokens = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
-    scores = torch.randn(2, 8, dtype=torch.float64)
-    kept, idx = topk_gather(tokens, scores, 3, 1, backend="cpu")
+@pytest.mark.parametrize("backend", _backends())
+def test_gradient_flows_to_kept_tokens_only(backend):
+    device = _device(backend)
+    dtype = torch.float64
+    tokens = torch.randn(2, 9, 3, dtype=dtype, device=device, requires_grad=True)
+    scores = torch.randn(2, 8, dtype=dtype, device=device)
+    kept, idx = topk_gather(tokens, scores, 3, 1, backend=backend)
     kept.sum().backward()
-    want = torch.zeros(2, 9, 3, dtype=torch.float64)
+    want = torch.zeros(2, 9, 3, dtype=dtype)
     want[:, 0] = 1
     for b in range(2):
-        want[b, 1 + idx[b]] = 1
-    assert torch.equal(tokens.grad, want)
+        want[b, 1 + idx[b].cpu()] = 1
+    assert torch.equal(tokens.grad.cpu(), want)
 
 
 @pytest.mark.skipif(not HAS_OP, reason=NO_OP)

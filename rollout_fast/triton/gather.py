@@ -23,6 +23,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
+from ..gather import gather_backward, gather_setup_context
+
 __all__ = ["INTERPRETED", "MAX_G", "topk_gather_triton"]
 
 MAX_G = 16384
@@ -125,3 +127,4 @@ if INTERPRETED:
 else:
     topk_gather_triton = torch.library.triton_op("rollout_fast::topk_gather_triton", _topk_gather,
                                                  mutates_args=())
+topk_gather_triton.register_autograd(gather_backward, setup_context=gather_setup_context)
