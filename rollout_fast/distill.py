@@ -56,9 +56,18 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write, load_training_state, save_training_state, write_json
 from .metrics import MapMetrics, fit_centre_prior, shift_images, uniform_map
-from .students import (LOSS_ACTIVATIONS, STRATEGIES, STUDENT_ARCHS, check_student_grid, count_macs,
-                       create_student, logits_to_maps, measure_cost, save_student)
-from .teacher import _lr_lambda, _seed_everything, autocast_for
+from .students import (
+    LOSS_ACTIVATIONS,
+    STRATEGIES,
+    STUDENT_ARCHS,
+    check_student_grid,
+    count_macs,
+    create_student,
+    logits_to_maps,
+    measure_cost,
+    save_student,
+)
+from .training import adamw, autocast_for, lr_lambda, seed_everything
 
 __all__ = ["LOSSES", "DistillConfig", "add_distill_parser", "config_from_args", "distill",
            "distill_loss", "load_split_tensor", "run_distill", "view_params"]
@@ -460,7 +469,7 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     nval = min(cfg.val_images or len(test_x), len(test_x))
 
     # ---- student
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     student = create_student(cfg.student, strategy=cfg.strategy, factor=cfg.factor, input_size=(H, W),
                              grid=grid, loss=cfg.loss, pretrained=cfg.pretrained, **cfg.student_options)
     check_student_grid(student, grid, (H, W))
@@ -508,14 +517,9 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
         head = {id(p) for p in student.head_parameters()}
         for p in student.parameters():
             p.requires_grad_(phase == "all" or id(p) in head)
-        trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-        decay = [p for n, p in trainable if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-        no_decay = [p for n, p in trainable if not (p.ndim > 1 and "pos_embed" not in n
-                                                    and "cls_token" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        opt = adamw(((n, p) for n, p in student.named_parameters() if p.requires_grad), lr, cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, _lr_lambda(n_epochs * steps, int(cfg.warmup_epochs * steps)))
+            opt, lr_lambda(n_epochs * steps, int(cfg.warmup_epochs * steps)))
         if state is not None and state.get("phase") == phase_idx and start_epoch > epoch0:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])

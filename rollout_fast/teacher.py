@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import random
 import shlex
 import sys
 import time
@@ -32,6 +31,7 @@ from .data import (
     resolve_split,
 )
 from .models import create_vit
+from .training import adamw, autocast_for, lr_lambda, seed_everything
 
 __all__ = ["DEFAULT_TEACHER_ARCH", "TeacherConfig", "autocast_for", "evaluate", "train_teacher"]
 
@@ -58,30 +58,6 @@ class TeacherConfig:
     # start from these weights (a teacher.safetensors of the same arch) instead of a random init: a warm
     # restart of the cosine schedule (Loshchilov & Hutter 2017, SGDR), e.g. a short low-lr fine-tune
     init_from: str | None = None
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bf16 autocast for ``device`` (CPU or CUDA): the mixed precision every trainer here uses."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-
-
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-    return f
 
 
 @torch.no_grad()
@@ -133,7 +109,7 @@ def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: Teach
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
 
     from timm.data import create_transform
 
@@ -155,15 +131,10 @@ def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: Teach
         except RuntimeError as e:
             raise ValueError(f"init_from: {cfg.init_from!r} does not match the architecture {cfg.arch}: "
                              f"{e}") from e
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n
-             and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
-                                                               and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adamw(model.named_parameters(), cfg.lr, cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
+        opt, lr_lambda(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     start_epoch = 0
