@@ -36,6 +36,7 @@ __all__ = [
     "MapMetrics",
     "cc",
     "centre_prior",
+    "check_keep_ratio",
     "fit_centre_prior",
     "kld",
     "map_metrics",
@@ -127,7 +128,8 @@ def sim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.minimum(_to_distribution(p), _to_distribution(q)).sum(dim=1)
 
 
-def _check_ratio(keep_ratio) -> float:
+def check_keep_ratio(keep_ratio) -> float:
+    """``keep_ratio`` as a float in (0, 1]; ``ValueError`` naming it otherwise (bools, NaN, 0, > 1)."""
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
             or not 0.0 < float(keep_ratio) <= 1.0:
         raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
@@ -143,7 +145,7 @@ def topk_recall(pred: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.
         TypeError, ValueError: as :func:`cc`; ``keep_ratio`` outside (0, 1].
     """
     p, q = _pair(pred, target)
-    r = _check_ratio(keep_ratio)
+    r = check_keep_ratio(keep_ratio)
     G = p.shape[1]
     k = max(1, int(round(r * G)))
     sel_p = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(k, dim=1).indices, True)
@@ -184,7 +186,7 @@ def map_metrics(pred: torch.Tensor, target: torch.Tensor,
     """
     out = {"kld": kld(pred, target), "cc": cc(pred, target), "sim": sim(pred, target)}
     for r in keep_ratios:
-        out[f"recall@{_check_ratio(r):g}"] = topk_recall(pred, target, r)
+        out[f"recall@{check_keep_ratio(r):g}"] = topk_recall(pred, target, r)
     out["spearman"] = spearman(pred, target)
     return out
 
@@ -197,7 +199,7 @@ class MapMetrics:
     """
 
     def __init__(self, keep_ratios: Sequence[float] = KEEP_RATIOS):
-        self.keep_ratios = tuple(_check_ratio(r) for r in keep_ratios)
+        self.keep_ratios = tuple(check_keep_ratio(r) for r in keep_ratios)
         self.sums: dict[str, float] = {}
         self.count = 0
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from .capture import UnsupportedModelError, token_layout
 from .gather import GATHER_BACKENDS, topk_gather
+from .metrics import check_keep_ratio
 
 __all__ = [
     "SCORERS",
@@ -75,13 +76,6 @@ def keep_count(keep_ratio: float, num_patches: int) -> int:
     """
     check_keep_ratio(keep_ratio)
     return max(1, min(num_patches, math.floor(keep_ratio * num_patches + 0.5)))
-
-
-def check_keep_ratio(keep_ratio) -> float:
-    """``keep_ratio`` as a float in (0, 1]; ``ValueError`` otherwise (bools, NaN, 0, > 1)."""
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
-    return float(keep_ratio)
 
 
 def _require_prunable(model: nn.Module) -> None:
@@ -171,19 +165,22 @@ class RolloutScorer(PatchScorer):
     def __init__(self, head_fusion: str = "mean", discard_ratio: float = 0.9):
         self.head_fusion = head_fusion
         self.discard_ratio = discard_ratio
-        self._explainers: dict[int, object] = {}
+        self._model = self._explainer = None
+
+    def explainer(self, model: nn.Module):
+        """The :class:`rollout_fast.AttentionRollout` of ``model``, kept for the last model scored."""
+        if self._model is not model:
+            from .explain import AttentionRollout
+
+            self._explainer = AttentionRollout(model, head_fusion=self.head_fusion, discard_ratio=self.discard_ratio)
+            self._model = model
+        return self._explainer
 
     def score(self, model, images):
-        from .explain import AttentionRollout
-
-        key = id(model)
-        if key not in self._explainers:
-            self._explainers = {key: AttentionRollout(model, head_fusion=self.head_fusion,
-                                                      discard_ratio=self.discard_ratio)}
-        return self._explainers[key](images).flatten(1)
+        return self.explainer(model)(images).flatten(1)
 
 
-class GradRolloutScorer(PatchScorer):
+class GradRolloutScorer(RolloutScorer):
     """The model's own gradient rollout of the full image for its predicted class (:meth:`rollout_fast.
     AttentionRollout.grad_rollout`: ``F_l = relu(mean_h(A_l * dy/dA_l))``, Chefer et al., "Transformer
     Interpretability Beyond Attention Visualization", CVPR 2021, in vit-explain's form; REFERENCE.md
@@ -198,17 +195,11 @@ class GradRolloutScorer(PatchScorer):
     name = "grad-rollout"
 
     def __init__(self, discard_ratio: float = 0.0):
-        self.discard_ratio = discard_ratio
-        self._explainers: dict[int, object] = {}
+        super().__init__(discard_ratio=discard_ratio)  # head fusion: the gradient-weighted mean, fixed
 
     def score(self, model, images):
-        from .explain import AttentionRollout
-
-        key = id(model)
-        if key not in self._explainers:
-            self._explainers = {key: AttentionRollout(model, discard_ratio=self.discard_ratio)}
         with torch.inference_mode(False):  # a backward pass, also when called under inference mode
-            return self._explainers[key].grad_rollout(images.clone()).flatten(1)
+            return self.explainer(model).grad_rollout(images.clone()).flatten(1)
 
 
 class ClsAttentionScorer(PatchScorer):
