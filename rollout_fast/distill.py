@@ -303,7 +303,7 @@ def _all_sum(values: list[float], world: int, device) -> list[float]:
 # ------------------------------------------------------------------------------------------ training
 
 @torch.no_grad()
-def _evaluate(student, norm, images, maps, params, batch, device, progress, desc) -> dict:
+def _evaluate(student, norm, images, maps, params, batch, progress, desc) -> dict:
     from tqdm.auto import tqdm
 
     student.eval()
@@ -567,7 +567,7 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
             tot_loss, tot = _all_sum([tot_loss, tot], world, dev)
             if rank == 0:
                 val = _evaluate(student, norm, test_x[:nval], test_maps[:nval], tuple(t[:nval] for t in test_id),
-                                eval_batch, dev, progress, "validate")
+                                eval_batch, progress, "validate")
                 seconds = time.time() - t0
                 with open(log_path, "a", newline="") as f:
                     csv.writer(f).writerow([epoch + 1, phase, f"{tot_loss / tot:.5f}", f"{val['kld']:.4f}",
@@ -599,8 +599,8 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
 
     # ---- final evaluation (rank 0)
     student.eval()
-    centred = _evaluate(student, norm, test_x, test_maps, test_id, eval_batch, dev, progress, "test")
-    shifted = _evaluate(student, norm, test_x, test_maps_sh, test_sh, eval_batch, dev, progress, "test shifted")
+    centred = _evaluate(student, norm, test_x, test_maps, test_id, eval_batch, progress, "test")
+    shifted = _evaluate(student, norm, test_x, test_maps_sh, test_sh, eval_batch, progress, "test shifted")
     if cfg.cache_targets:
         train_maps = torch.cat([m for _, m in train_views])
         mean = train_maps.double().mean(0).float()
@@ -617,7 +617,7 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     baselines["centre_prior"]["sigma_patches"] = sigma
 
     student_cost = measure_cost(student, student, (H, W), batch_size=eval_batch, repeats=3, device=dev)
-    teacher_cost = measure_cost(explainer, teacher, (H, W), batch_size=eval_batch, repeats=3, device=dev)
+    teacher_cost = measure_cost(teacher_maps, teacher, (H, W), batch_size=eval_batch, repeats=3, device=dev)
     teacher_cost["forward_macs_per_image"] = count_macs(teacher, torch.randn(1, 3, H, W, device=dev))
     rel = student_cost["macs_per_image"] / teacher_cost["forward_macs_per_image"]
     cc_drop = centred["cc"] - shifted["cc"]

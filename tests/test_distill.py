@@ -130,12 +130,16 @@ def test_grad_rollout_targets_are_the_teachers_gradient_rollout(tiny_cifar, tiny
     from rollout_fast.distill import _Normalizer, load_split_tensor
 
     cache = tmp_path / "cache"
-    distill(tiny_cifar, tmp_path / "plain", cfg(tiny_teacher, cache_targets=True, views=1, head_epochs=0),
-            device="cpu", progress=False, cache_dir=cache)
+    plain_metrics = distill(tiny_cifar, tmp_path / "plain", cfg(tiny_teacher, cache_targets=True, views=1,
+                                                                head_epochs=0), device="cpu", progress=False,
+                            cache_dir=cache)
     before = set(cache.glob("maps_*.pt"))
     c = cfg(tiny_teacher, target="grad-rollout", cache_targets=True, views=1, head_epochs=0)
     metrics = distill(tiny_cifar, tmp_path / "grad", c, device="cpu", progress=False, cache_dir=cache)
     assert metrics["rollout"]["target"] == "grad-rollout"
+    # the teacher cost is that of the map the student replaces: a forward and a backward pass
+    assert (metrics["cost"]["teacher_rollout"]["macs_per_image"]
+            > plain_metrics["cost"]["teacher_rollout"]["macs_per_image"])
     new = set(cache.glob("maps_*.pt")) - before
     assert len(new) == 3  # test centred, test shifted, train view 0: none reused from the plain run
     teacher, dc = load_teacher(tiny_teacher)
