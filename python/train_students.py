@@ -202,10 +202,10 @@ def main() -> None:
           f"{args.discard_ratio}), CIFAR-10 test (10,000 images); *CC shifted*: every test image moved "
           f"{best['object_placement']['shift_pixels']} px diagonally (object-placement test).", "",
           table(rows), "",
-          f"Teacher maps cached for {args.views} views of the training set (view 0 as is, view 1 randomly "
+          f"Teacher maps cached for {args.views} views of the training set (view 0 as is, the others randomly "
           f"shifted by up to {args.max_shift} px and flipped); backbones from scratch, one phase of AdamW at "
           "lr 2e-3 with warm-up + cosine, batch 128, KLD loss; MACs counted with torch.utils.flop_counter "
-          "(FLOPs / 2), latency at batch 1 on one CPU thread. Baseline recall breaks the constant map's ties "
+          "(FLOPs / 2), latency at batch 1 with torch's CPU threads. Baseline recall breaks the constant map's ties "
           "at random (chance level)."]
     if any(r.get("mark") for r in rows):
         md += ["", f"† from an earlier, shorter pass of this recipe ({args.fallback}: 25,000-image subset, "

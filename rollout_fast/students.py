@@ -2,8 +2,9 @@
 
 The seeds' idea (REFERENCE.md section 5, ../seeds): instead of running the expensive teacher to learn
 which patches matter, a small model looks at a low-resolution version of the image and predicts the
-teacher's attention-rollout map on the teacher's (gh, gw) patch grid. Its scores then rank patches for
-pruning.
+teacher's attention-rollout map (or its gradient rollout for the predicted class: ``rollout-fast
+distill --target grad-rollout``, the better token selector) on the teacher's (gh, gw) patch grid. Its
+scores then rank patches for pruning.
 
 A :class:`RolloutStudent` takes the *teacher's own input batch* ``(B, 3, H, W)`` (normalised the
 teacher's way), applies its input strategy itself, and returns ``(B, gh, gw)`` float32 scores (logits;
@@ -562,7 +563,8 @@ def load_student(name: str | os.PathLike = "cifar10-vit", *, device: str | torch
     Returns:
         ``(student, card)``: ``student(images)`` takes the teacher's input batch (B, 3, H, W) and
         returns (B, gh, gw) float32 scores; ``card`` records the teacher, the rollout settings the
-        student was trained to predict (``card["rollout"]``: head fusion, discard ratio), its input
+        student was trained to predict (``card["rollout"]``: target 'rollout' or 'grad-rollout' -- absent,
+        i.e. 'rollout', in cards written before targets existed -- head fusion, discard ratio), its input
         strategy and its measured metrics and cost.
 
     Raises:

@@ -19,7 +19,7 @@ import torch
 from conftest import IMAGENET_SAMPLE
 from torch.overrides import TorchFunctionMode
 
-from rollout_fast.capture import UnsupportedModelError, capture_attention
+from rollout_fast.capture import UnsupportedModelError, capture_attention, token_layout
 from rollout_fast.gather import topk_gather_reference
 from rollout_fast.prune import (
     ClsAttentionScorer,
@@ -68,16 +68,11 @@ def _manual_forward(model, x, scores, k):
     return model.forward_head(model.norm(model.blocks(model.norm_pre(kept))))
 
 
-def _grid(model, x):
-    pe = model.patch_embed
-    return tuple(pe.dynamic_feat_size(x.shape[-2:])) if getattr(model, "dynamic_img_size", False) else pe.grid_size
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_pruned_forward_equals_hand_written_forward(name):
     model = MODELS[name]()
     x = _images(name)
-    gh, gw = _grid(model, x)
+    gh, gw = token_layout(model, tuple(x.shape[-2:])).grid
     G = gh * gw
     scores = torch.randn(x.shape[0], G, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
