@@ -13,6 +13,8 @@ __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "cifar_train_transform",
     "image_folder",
     "resolve_split",
@@ -20,6 +22,8 @@ __all__ = [
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
 

@@ -101,3 +101,74 @@ def test_init_from_starts_at_the_given_weights(tiny_cifar, tmp_path):
     other = dict(TINY_ARCH, embed_dim=16)
     with pytest.raises(ValueError, match="init_from"):
         train_teacher(tiny_cifar, tmp_path / "c", replace(cfg, arch=other), device="cpu", progress=False)
+
+
+def test_an_earlier_run_is_refused_without_resume_and_left_untouched(tiny_cifar, tmp_path):
+    run = tmp_path / "run"
+    train_teacher(tiny_cifar, run, _cfg(1), device="cpu", progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_teacher(tiny_cifar, run, _cfg(1), device="cpu", progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_interrupted_write_temp_files_are_cleaned_and_log_matches_checkpoint(tiny_cifar, tmp_path):
+    run = tmp_path / "run"
+    train_teacher(tiny_cifar, run, _cfg(1), device="cpu", progress=False)
+    (run / ".last.pt.abc123").write_bytes(b"x" * 100)  # left by a kill during a checkpoint write
+    (run / "log.csv").write_text("epoch,train_loss\n1,0\n1,0\n")  # a stale log with a duplicate row
+    state = load_training_state(run / "last.pt")
+    train_teacher(tiny_cifar, run, _cfg(1), device="cpu", progress=False, resume=True)
+    assert not list(run.glob(".last.pt.*"))
+    rows = (run / "log.csv").read_text().strip().splitlines()
+    assert rows[0] == "epoch,train_loss,train_acc,test_acc,lr,seconds" and len(rows) == 2
+    assert rows[1].split(",")[3] == f"{state['test_acc']:.4f}"
+
+
+def test_bad_data_and_architecture_are_clear_errors(tiny_cifar, tmp_path):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="img_size must be a multiple of patch_size"):
+        train_teacher(tiny_cifar, tmp_path / "a", replace(_cfg(1), arch=dict(TINY_ARCH, patch_size=5)),
+                      progress=False)
+    with pytest.raises(ValueError, match="no val/ split"):
+        train_teacher(tiny_cifar, tmp_path / "b", replace(_cfg(1), eval_split="val"), progress=False)
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_cifar, odd)
+    shutil.rmtree(odd / "test" / "class9")
+    with pytest.raises(ValueError, match="classes of test/ differ"):
+        train_teacher(odd, tmp_path / "c", _cfg(1), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # nothing created
+
+
+def test_recipes_load_by_name_or_file_with_overrides(tmp_path):
+    from rollout_fast.teacher import RECIPES, load_recipe
+
+    cifar = load_recipe("cifar10-vit")
+    assert cifar == TeacherConfig()  # the CIFAR recipe is the shipped teacher's configuration
+    net = load_recipe("imagenette-vit", epochs=3, workers=None)
+    assert net.epochs == 3 and net.workers == RECIPES["imagenette-vit"].workers
+    assert net.arch["img_size"] // net.arch["patch_size"] == 14 and net.augment == "rrc"
+    path = tmp_path / "r.json"
+    path.write_text('{"epochs": 2, "mean": [0.5, 0.5, 0.5]}')
+    got = load_recipe(path)
+    assert got.epochs == 2 and got.mean == (0.5, 0.5, 0.5)
+    path.write_text('{"epoch": 2}')
+    with pytest.raises(ValueError, match="unknown fields"):
+        load_recipe(path)
+    with pytest.raises(ValueError, match="recipe"):
+        load_recipe("no-such-recipe")
+
+
+def test_class_names_come_from_classes_txt(tiny_cifar, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_cifar, root)
+    (root / "classes.txt").write_text("".join(f"class{i}\tname {i}\n" for i in range(10)))
+    card = train_teacher(root, tmp_path / "run", replace(_cfg(1), class_names=None), device="cpu",
+                         progress=False)
+    assert card["class_names"][3] == "name 3" and card["wnids"][3] == "class3"
