@@ -30,7 +30,7 @@ def __getattr__(name):  # lazy: importing the op must not import timm
         from .zoo import load_teacher
         return load_teacher
     if name == "load_student":
-        from .students import load_student
+        from .zoo import load_student
         return load_student
     if name == "prune_tokens":
         from .prune import prune_tokens

@@ -1,8 +1,9 @@
-"""Shipped models and loading: ``load_teacher``.
+"""Shipped models and loading: ``load_teacher`` and ``load_student``, from one assets folder.
 
-The embedded teacher ``"cifar10-vit"`` lives in ``rollout_fast/assets/`` as a safetensors file plus a
-JSON model card (architecture arguments, data config, class names, measured accuracy, the command
-that trained it). Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
+The embedded teacher ``"cifar10-vit"`` lives in ``rollout_fast/assets/`` (:data:`ASSETS`) as a safetensors
+file plus a JSON model card (architecture arguments, data config, class names, measured accuracy, the
+command that trained it); so do the shipped students (:data:`EMBEDDED_STUDENTS`, cards written by
+``rollout-fast distill``). Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,20 @@ from torch import nn
 
 from .checkpoint import load_weights
 from .models import create_vit
+from .students.factory import create_student
+from .students.model import RolloutStudent
 
-__all__ = ["ASSETS", "EMBEDDED_TEACHERS", "CheckpointNotFoundError", "load_teacher", "teacher_card"]
+__all__ = ["ASSETS", "EMBEDDED_STUDENTS", "EMBEDDED_TEACHERS", "CheckpointNotFoundError", "load_student",
+           "load_teacher", "pruning_student_name", "teacher_card"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_TEACHERS = {"cifar10-vit": ASSETS / "cifar10-vit"}
+# Shipped students, by name: "cifar10-vit" predicts the embedded teacher's rollout at discard ratio 0 (the
+# rollout people inspect; issue 5's metrics); "cifar10-vit-prune" predicts the teacher's gradient rollout for
+# its predicted class (distill --target grad-rollout), the map that selects the best patch tokens to keep for
+# pruned inference (rollout_fast.prune; ``prune-eval``'s default).
+EMBEDDED_STUDENTS = {"cifar10-vit": ASSETS / "cifar10-vit-student",
+                     "cifar10-vit-prune": ASSETS / "cifar10-vit-prune-student"}
 
 
 class CheckpointNotFoundError(FileNotFoundError, ValueError):
@@ -116,3 +126,68 @@ def load_teacher(model: str | os.PathLike = "cifar10-vit", *, pretrained: bool =
         if img_size is not None:  # built with another img_size than its pretrained_cfg's
             data_config["input_size"] = (data_config["input_size"][0], *(int(s) for s in img_size))
     return net.to(device).eval(), data_config
+
+
+# ---------------------------------------------------------------------------------------------- students
+
+def pruning_student_name(model: str) -> str:
+    """The shipped student to score patch tokens of ``model`` with: ``"<model>-prune"`` when shipped, else
+    ``model`` (its rollout student)."""
+    return f"{model}-prune" if f"{model}-prune" in EMBEDDED_STUDENTS else model
+
+
+def _student_weights(key: str) -> Path:
+    if key in EMBEDDED_STUDENTS:
+        weights = EMBEDDED_STUDENTS[key].with_suffix(".safetensors")
+        if not weights.is_file():
+            raise FileNotFoundError(f"embedded student for {key!r} missing at {weights}; train one with "
+                                    "python/train_students.py")
+        return weights
+    if key.endswith(".safetensors") or os.sep in key:
+        weights = Path(key)
+        if not weights.is_file():
+            raise FileNotFoundError(f"student: no file at {key!r}")
+        return weights
+    raise ValueError(f"student: no shipped student for {key!r} (known: {sorted(EMBEDDED_STUDENTS)}) "
+                     "and not a path to a student .safetensors")
+
+
+def load_student(name: str | os.PathLike = "cifar10-vit", *, device: str | torch.device = "cpu"
+                 ) -> tuple[RolloutStudent, dict]:
+    """Load a shipped or saved student in eval mode, offline.
+
+    Args:
+        name: a shipped student (``"cifar10-vit"``: the embedded teacher's rollout at discard 0;
+            ``"cifar10-vit-prune"``: the same teacher's gradient rollout for its predicted class, for token
+            pruning), or a path
+            to a student ``.safetensors`` with its ``.json`` card beside it (as written by
+            ``rollout-fast distill``).
+        device: where to put it.
+
+    Returns:
+        ``(student, card)``: ``student(images)`` takes the teacher's input batch (B, 3, H, W) and
+        returns (B, gh, gw) float32 scores; ``card`` records the teacher, the rollout settings the
+        student was trained to predict (``card["rollout"]``: target 'rollout' or 'grad-rollout' -- absent,
+        i.e. 'rollout', in cards written before targets existed -- head fusion, discard ratio), its input
+        strategy and its measured metrics and cost.
+
+    Raises:
+        ValueError: unknown name, a card without a student spec, or weights that do not match it.
+        FileNotFoundError: the shipped asset or the given file is missing.
+    """
+    weights = _student_weights(str(name))
+    card_path = weights.with_suffix(".json")
+    if not card_path.is_file():
+        raise FileNotFoundError(f"student: card {card_path} missing beside {weights}")
+    card = json.loads(card_path.read_text())
+    spec = card.get("student")
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise ValueError(f"student: {card_path} has no 'student' spec")
+    student = create_student(spec["arch"], strategy=spec["strategy"], factor=spec["factor"],
+                             input_size=tuple(spec["input_size"]), grid=tuple(spec["grid"]),
+                             loss=spec["loss"], **spec.get("options", {}))
+    try:
+        student.load_state_dict(load_weights(weights), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"student: {str(weights)!r} does not match its card's architecture: {e}") from e
+    return student.to(device).eval(), card

@@ -1,4 +1,5 @@
-"""The embedded teacher and load_teacher: offline loading, accuracy on real data, safe checkpoints."""
+"""The embedded teacher and load_teacher: offline loading, accuracy on real data, safe checkpoints; the shipped
+students and load_student / save_student."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ import torch
 from rollout_fast import load_teacher
 from rollout_fast.checkpoint import save_weights
 from rollout_fast.jobs import evaluate_folder
-from rollout_fast.zoo import EMBEDDED_TEACHERS, CheckpointNotFoundError, teacher_card
+from rollout_fast.students import RolloutStudent, create_student, save_student
+from rollout_fast.zoo import (
+    ASSETS,
+    EMBEDDED_STUDENTS,
+    EMBEDDED_TEACHERS,
+    CheckpointNotFoundError,
+    load_student,
+    pruning_student_name,
+    teacher_card,
+)
+
+_TINY_RESNET = {"channels": [8, 8, 16, 16], "head_width": 8}
 
 
 def test_embedded_teacher_loads_offline_in_eval_mode():
@@ -76,3 +88,50 @@ def test_missing_checkpoint_and_unknown_model():
         load_teacher("no_such_model_xyz")
     with pytest.raises(ValueError, match="checkpoint"):
         load_teacher("vit_tiny_patch16_224", checkpoint=__file__, depth=1)
+
+
+# ------------------------------------------------------------------------------------------ students
+
+def test_save_and_load_round_trip(tmp_path):
+    s = create_student("resnet-cifar", strategy="lowres", factor=2, loss="bce", **_TINY_RESNET).eval()
+    card = {"teacher": "some-teacher", "rollout": {"head_fusion": "max", "discard_ratio": 0.9}}
+    w, _ = save_student(tmp_path / "st.safetensors", s, card)
+    loaded, got = load_student(str(w))
+    assert got["rollout"] == card["rollout"] and got["student"]["loss"] == "bce"
+    assert not loaded.training and loaded.activation == "sigmoid"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(x), s(x))
+    with pytest.raises(ValueError, match="no shipped student"):
+        load_student("not-a-teacher")
+    with pytest.raises(FileNotFoundError, match="student"):
+        load_student(str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("name, target", [("cifar10-vit", "rollout"), ("cifar10-vit-prune", "grad-rollout")])
+def test_shipped_students_for_the_embedded_teacher(name, target):
+    path = EMBEDDED_STUDENTS[name].with_suffix(".safetensors")
+    if not path.is_file():
+        pytest.skip(f"the shipped student is not installed yet ({path})")
+    assert path.stat().st_size <= 5 * 2 ** 20
+    student, card = load_student(name)
+    assert isinstance(student, RolloutStudent) and card["teacher"] == "cifar10-vit"
+    assert card["rollout"].get("target", "rollout") == target and card["rollout"]["discard_ratio"] == 0.0
+    assert "recall@0.5" in card["metrics"]["centred"]
+    out = student(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_pruning_student_name():
+    assert pruning_student_name("cifar10-vit") == "cifar10-vit-prune"
+    assert pruning_student_name("vit_small_patch16_224") == "vit_small_patch16_224"
+
+
+def test_students_package_still_exports_the_shipped_students():
+    import rollout_fast
+    from rollout_fast import students
+
+    assert students.load_student is load_student and rollout_fast.load_student is load_student
+    assert students.EMBEDDED_STUDENTS is EMBEDDED_STUDENTS
+    assert students.pruning_student_name is pruning_student_name
+    assert all(p.parent == ASSETS for p in EMBEDDED_STUDENTS.values())
+

@@ -1,24 +1,21 @@
 """Students: every architecture and input strategy maps the teacher's input batch to the teacher's grid,
-strategies feed the backbone what they promise, cost counting, saving/loading, and clear errors."""
+strategies feed the backbone what they promise, the registry takes new architectures, and clear errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from student_testing import TINY, images
 from torch import nn
 
-from rollout_fast.students import (EMBEDDED_STUDENTS, RolloutStudent, check_student_grid, count_macs,
-                                   create_student, load_student, measure_cost, pruning_student_name, save_student,
-                                   student_input_size)
-
-TINY = {
-    "resnet-cifar": {"channels": [8, 8, 16, 16], "head_width": 8},
-    "vit-tiny": {"depth": 1, "embed_dim": 32, "num_heads": 2},
-}
-
-
-def images(b=2, size=32):
-    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0))
+from rollout_fast.students import (
+    STUDENT_ARCHS,
+    check_student_grid,
+    create_student,
+    register_student,
+    student_archs,
+    student_input_size,
+)
 
 
 @pytest.mark.parametrize("arch,strategy,factor", [
@@ -75,58 +72,10 @@ def test_strategies_feed_what_they_promise():
     assert not torch.equal(a, mask(x))  # training: a fresh random subset per call
 
 
-def test_cost_counting():
-    assert count_macs(nn.Linear(10, 5, bias=False), torch.randn(3, 10)) == 50
-    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-    assert count_macs(conv, torch.randn(2, 3, 5, 5)) == 25 * 4 * 27
-    a = create_student("resnet-cifar", strategy="lowres", factor=2, **TINY["resnet-cifar"])
-    b = create_student("resnet-cifar", strategy="downsize", factor=2, **TINY["resnet-cifar"])
-    ma, mb = count_macs(a, images(1)), count_macs(b, images(1))
-    assert 3 * ma < mb  # a 16x16 thumbnail costs about a quarter of the full-size input
-    cost = measure_cost(a, a, (32, 32), batch_size=4, repeats=2)
-    assert cost["macs_per_image"] == ma and cost["params"] == sum(p.numel() for p in a.parameters())
-    assert cost["latency_ms_batch1"] > 0 and cost["ms_per_image_batch4"] > 0
-    assert a.training  # measure_cost restores the mode
-
-
 def test_head_and_backbone_parameters_partition_the_model():
     s = create_student("vit-tiny", strategy="lowres", factor=2, **TINY["vit-tiny"])
     head, body = s.head_parameters(), s.backbone_parameters()
     assert len(head) + len(body) == len(list(s.parameters())) and {id(p) for p in head}.isdisjoint(map(id, body))
-
-
-def test_save_and_load_round_trip(tmp_path):
-    s = create_student("resnet-cifar", strategy="lowres", factor=2, loss="bce", **TINY["resnet-cifar"]).eval()
-    card = {"teacher": "some-teacher", "rollout": {"head_fusion": "max", "discard_ratio": 0.9}}
-    w, c = save_student(tmp_path / "st.safetensors", s, card)
-    loaded, got = load_student(str(w))
-    assert got["rollout"] == card["rollout"] and got["student"]["loss"] == "bce"
-    assert not loaded.training and loaded.activation == "sigmoid"
-    x = images()
-    assert torch.equal(loaded(x), s(x))
-    with pytest.raises(ValueError, match="no shipped student"):
-        load_student("not-a-teacher")
-    with pytest.raises(FileNotFoundError, match="student"):
-        load_student(str(tmp_path / "missing.safetensors"))
-
-
-@pytest.mark.parametrize("name, target", [("cifar10-vit", "rollout"), ("cifar10-vit-prune", "grad-rollout")])
-def test_shipped_students_for_the_embedded_teacher(name, target):
-    path = EMBEDDED_STUDENTS[name].with_suffix(".safetensors")
-    if not path.is_file():
-        pytest.skip(f"the shipped student is not installed yet ({path})")
-    assert path.stat().st_size <= 5 * 2 ** 20
-    student, card = load_student(name)
-    assert isinstance(student, RolloutStudent) and card["teacher"] == "cifar10-vit"
-    assert card["rollout"].get("target", "rollout") == target and card["rollout"]["discard_ratio"] == 0.0
-    assert "recall@0.5" in card["metrics"]["centred"]
-    out = student(torch.randn(3, 3, 32, 32))
-    assert out.shape == (3, 8, 8) and torch.isfinite(out).all()
-
-
-def test_pruning_student_name():
-    assert pruning_student_name("cifar10-vit") == "cifar10-vit-prune"
-    assert pruning_student_name("vit_small_patch16_224") == "vit_small_patch16_224"
 
 
 def test_bad_input_errors_name_the_argument():
@@ -160,3 +109,30 @@ def test_bad_input_errors_name_the_argument():
         check_student_grid(s, (8, 8), (64, 64))
     with pytest.raises(TypeError, match="student"):
         check_student_grid(nn.Linear(2, 2), (8, 8))
+
+
+def test_a_new_student_is_one_decorated_factory():
+    """Registering a factory makes it an architecture of create_student (options checked, spec recorded)."""
+    from rollout_fast.students.convnet import ConvMapNet
+    from rollout_fast.students.registry import _REGISTRY
+
+    @register_student("test-convnet", options={"width": 4}, strategies=("lowres",))
+    def _tiny_convnet(ctx):
+        w = ctx.options["width"]
+        trunk = create_student("resnet-cifar", channels=[w] * 4, head_width=w).net.trunk
+        return ConvMapNet(trunk, [w] * 4, ctx.grid, w)
+
+    try:
+        assert "test-convnet" in student_archs()
+        s = create_student("test-convnet", strategy="lowres", factor=2, width=8)
+        assert s(images()).shape == (2, 8, 8) and s.spec["options"] == {"width": 8}
+        with pytest.raises(ValueError, match="options"):
+            create_student("test-convnet", depth=2)
+        with pytest.raises(ValueError, match="strategy"):
+            create_student("test-convnet", strategy="downsize")
+        with pytest.raises(ValueError, match="already registered"):
+            register_student("test-convnet")(_tiny_convnet)
+    finally:
+        _REGISTRY.pop("test-convnet", None)
+    assert STUDENT_ARCHS == student_archs() == ("resnet", "resnet-cifar", "vit-tiny")
+
