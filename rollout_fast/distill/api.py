@@ -1,0 +1,143 @@
+"""``distill()``: one distillation run, orchestrated from the parts of this package."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_training_state, write_json
+from ..students import check_student_grid, create_student, save_student
+from ..training import seed_everything
+from .config import DistillConfig
+from .data import fingerprint, identity_params, load_split_tensor, placement_params, view_params
+from .ddp import DistEnv, setup_distributed
+from .loop import TrainingRun, train
+from .report import TestSet, final_metrics, student_card
+from .targets import TeacherTargets
+
+__all__ = ["distill"]
+
+
+def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConfig | None = None, *,
+            device: str | None = None, resume: bool = False, cache_dir: str | os.PathLike | None = None,
+            command: str | None = None, progress: bool = True) -> dict:
+    """Train a student to predict the teacher's rollout; write checkpoints, logs, weights, card, metrics.
+
+    Args:
+        data: ImageFolder root with ``train/`` and ``test/`` (e.g. ``../shared/data/cifar10``).
+        out: output folder: ``last.pt`` (resumable state, rewritten atomically each epoch),
+            ``log.csv``, and at the end ``student.safetensors`` + ``student.json`` (card, loadable by
+            :func:`rollout_fast.load_student`) and ``metrics.json``.
+        config: :class:`DistillConfig` (defaults if None).
+        device: 'cpu' | 'cuda' | None (CUDA when available; under torchrun cuda:LOCAL_RANK).
+        resume: continue from ``out/last.pt`` (same config required).
+        cache_dir: where decoded images and cached teacher maps go (default ``out/cache``); share it
+            between runs with the same data and teacher to compute teacher maps once.
+        command: the command recorded in the card (default ``sys.argv``).
+        progress: tqdm bars, and a line per epoch through the ``rollout_fast.distill`` logger (INFO).
+
+    Returns:
+        The metrics dict written to ``metrics.json`` (on every rank; only rank 0 evaluates, others
+        return ``{}``).
+
+    Raises:
+        FileNotFoundError: missing data folder, or ``resume`` without a checkpoint.
+        FileExistsError: ``out`` already holds a checkpoint and ``resume`` is False (nothing is
+            overwritten).
+        ValueError: bad config field (named), empty data folder, corrupt checkpoint or one written
+            with another config, a batch size not divisible by the number of processes, a student whose
+            output grid differs from the teacher's.
+    """
+    from ..data import resolve_split
+
+    cfg = config or DistillConfig()
+    cfg.validate()
+    env = setup_distributed(device)
+    if cfg.batch_size % env.world:
+        raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the {env.world} processes")
+    out = Path(out)
+    state = _checkpoint_state(out, cfg, resume)
+    train_root, test_root = resolve_split(data, "train"), resolve_split(data, "test")
+    if train_root == test_root:
+        raise ValueError(f"data: {str(data)!r} must hold train/ and test/ ImageFolder splits")
+    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    targets = TeacherTargets(cfg, env, cache, progress)
+    if env.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+    env.barrier()
+
+    train_x, train_key, test = _data(cfg, env, targets, train_root, test_root, progress)
+    train_views = []
+    if cfg.cache_targets:
+        for v in range(cfg.views):
+            pv = view_params(cfg.seed, v, len(train_x), cfg.max_shift, cfg.flip)
+            name = fingerprint(targets.key, train_key, "view", v, cfg.seed, cfg.max_shift, cfg.flip)
+            train_views.append((pv, targets.cached(name, train_x, pv, f"teacher maps (train view {v})")))
+    if test.maps.shape[1:] != targets.grid:
+        raise ValueError(f"teacher: maps of grid {tuple(test.maps.shape[1:])}, expected {targets.grid}")
+    nval = min(cfg.val_images or len(test.images), len(test.images))
+
+    seed_everything(cfg.seed)
+    student = create_student(cfg.student, strategy=cfg.strategy, factor=cfg.factor, input_size=targets.input_size,
+                             grid=targets.grid, loss=cfg.loss, pretrained=cfg.pretrained, **cfg.student_options)
+    check_student_grid(student, targets.grid, targets.input_size)
+    student = env.sync_batchnorm(student).to(env.device)
+    val = (test.images[:nval], test.maps[:nval], tuple(t[:nval] for t in test.params))
+    run = TrainingRun(cfg, env, student, targets, train_x, train_views, val, out, progress)
+    seen = train(run, state)
+    if env.rank != 0:
+        return {}
+    metrics = final_metrics(cfg, student, targets, test, train_views, seen, progress)
+    save_student(out / "student.safetensors", student, student_card(cfg, student, targets, metrics, command))
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _checkpoint_state(out: Path, cfg: DistillConfig, resume: bool) -> dict | None:
+    """The checkpoint to resume (its config must match ``cfg``), or None; refuses to overwrite one."""
+    ckpt_path = out / "last.pt"
+    if resume:
+        state = load_training_state(ckpt_path)  # FileNotFoundError / ValueError: nothing written yet
+        # fields added since a checkpoint was written read as their defaults
+        if {**asdict(DistillConfig()), **state.get("config", {})} != asdict(cfg):
+            raise ValueError("resume: the checkpoint was written with a different configuration: "
+                             f"{state.get('config')} vs {asdict(cfg)}")
+        return state
+    if ckpt_path.exists():
+        raise FileExistsError(f"out: {str(out)!r} already holds a checkpoint (last.pt); pass resume "
+                              "(--resume) to continue it or choose another output folder")
+    return None
+
+
+def _data(cfg: DistillConfig, env: DistEnv, targets: TeacherTargets, train_root, test_root, progress: bool
+          ) -> tuple[torch.Tensor, str, TestSet]:
+    """Training images (a seeded subset with ``train_images``) and their cache key, and the test set with
+    the teacher's maps (cached). Rank 0 decodes and caches first so the others just load."""
+    cache, size = targets.cache, targets.input_size
+
+    def split(root):
+        if env.rank == 0:
+            res = load_split_tensor(root, size, cache, workers=cfg.workers, progress=progress)
+        env.barrier()
+        if env.rank != 0:
+            res = load_split_tensor(root, size, cache, workers=cfg.workers, progress=False)
+        return res
+
+    train_x, _, train_key = split(train_root)
+    test_x, _, test_key = split(test_root)
+    if cfg.train_images is not None and cfg.train_images < len(train_x):
+        sel = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_images]
+        train_x = train_x[sel.sort().values]
+        train_key = fingerprint(train_key, cfg.train_images, cfg.seed)
+    if len(train_x) < cfg.batch_size:
+        raise ValueError(f"batch_size: {cfg.batch_size} exceeds the {len(train_x)} training images")
+    shift = cfg.placement_shift or max(1, size[0] // 4)
+    test_id, test_sh = identity_params(len(test_x)), placement_params(cfg.seed, len(test_x), shift)
+    maps = targets.cached(fingerprint(targets.key, test_key, "centred"), test_x, test_id, "teacher maps (test)")
+    maps_sh = targets.cached(fingerprint(targets.key, test_key, "shifted", shift, cfg.seed), test_x, test_sh,
+                             "teacher maps (test, shifted)")
+    return train_x, train_key, TestSet(test_x, maps, test_id, maps_sh, test_sh, shift)

@@ -1,0 +1,106 @@
+"""Distillation data: ImageFolder splits decoded once into memory, deterministic augmentation views, the
+object-placement shifts, and normalisation (+ augmentation) of uint8 batches on the device."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write
+from ..metrics import shift_images
+
+__all__ = ["Normalizer", "fingerprint", "identity_params", "load_split_tensor", "placement_params", "view_params"]
+
+
+def fingerprint(*parts) -> str:
+    """A short SHA-1 key of ``parts`` (their ``str``), for cache file names."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def load_split_tensor(root: str | os.PathLike, size: tuple[int, int], cache_dir: str | os.PathLike | None = None,
+                      *, workers: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Decode an ImageFolder split once: ``(images uint8 (N, 3, H, W), labels int64 (N,), key)``.
+
+    Images are resized (shorter side, bicubic) and centre-cropped to ``size`` = (H, W). With
+    ``cache_dir`` the tensors are cached there under a key of the folder, its file list and the size.
+
+    Raises:
+        FileNotFoundError: missing folder. ValueError: a folder with no class folders or images.
+    """
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+    from tqdm.auto import tqdm
+
+    from ..data import image_folder
+
+    tf = T.Compose([T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                    T.PILToTensor()])
+    ds = image_folder(root, tf)
+    key = fingerprint(Path(root).resolve(), len(ds.samples), ds.samples[0][0], ds.samples[-1][0], size)
+    path = Path(cache_dir) / f"images_{key}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return obj["images"], obj["labels"], key
+    images = torch.empty((len(ds), 3, *size), dtype=torch.uint8)
+    labels = torch.empty(len(ds), dtype=torch.long)
+    i = 0
+    loader = DataLoader(ds, batch_size=500, num_workers=workers)
+    for x, y in tqdm(loader, desc=f"decode {Path(root).name}", leave=False, disable=not progress):
+        images[i:i + len(y)] = x
+        labels[i:i + len(y)] = y
+        i += len(y)
+    if path is not None:
+        atomic_write(path, lambda tmp: torch.save({"images": images, "labels": labels}, tmp))
+    return images, labels, key
+
+
+def view_params(seed: int, view: int, n: int, max_shift: int, flip: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Augmentation of every image in one view: ``(dx, dy, flip)``, each (n,), from (seed, view) only.
+
+    View 0 is the identity. dx, dy are int64 in [-max_shift, max_shift]; flip is bool.
+    """
+    if view == 0:
+        z = torch.zeros(n, dtype=torch.long)
+        return z, z.clone(), torch.zeros(n, dtype=torch.bool)
+    g = torch.Generator().manual_seed(1_000_003 * seed + 7919 * view + 17)
+    dx = torch.randint(-max_shift, max_shift + 1, (n,), generator=g)
+    dy = torch.randint(-max_shift, max_shift + 1, (n,), generator=g)
+    fl = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return dx, dy, fl
+
+
+def identity_params(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """No augmentation for ``n`` images, in the form of :func:`view_params`."""
+    return (torch.zeros(n, dtype=torch.long),) * 2 + (torch.zeros(n, dtype=torch.bool),)
+
+
+def placement_params(seed: int, n: int, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The object-placement test's shifts: each image moved by (+-shift, +-shift), a random diagonal."""
+    g = torch.Generator().manual_seed(seed + 424242)
+    sx = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    sy = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    return sx * shift, sy * shift, torch.zeros(n, dtype=torch.bool)
+
+
+class Normalizer:
+    """uint8 (B, 3, H, W) -> the teacher's normalised float input on ``device``, optionally shifted by
+    (dx, dy) and flipped (border filled with the mean colour, i.e. 0 after normalisation)."""
+
+    def __init__(self, mean, std, device):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.device = device
+
+    def __call__(self, u8: torch.Tensor, dx=None, dy=None, flip=None) -> torch.Tensor:
+        x = (u8.to(self.device).float() / 255.0 - self.mean) / self.std
+        if dx is not None:
+            x = shift_images(x, dx.to(self.device), dy.to(self.device), flip.to(self.device), fill=0.0)
+        return x
