@@ -17,6 +17,7 @@ __all__ = [
     "IMAGENET_STD",
     "cifar_train_transform",
     "image_folder",
+    "load_eval_data",
     "resolve_split",
 ]
 
@@ -64,3 +65,52 @@ def cifar_train_transform(mean=CIFAR10_MEAN, std=CIFAR10_STD, size: int = 32):
 
     return T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(mean, std)])
+
+
+def _labels_csv_dataset(root, transform):
+    """A dataset over ``root/labels.csv`` (columns filename, class_index) and the images it names."""
+    import csv
+
+    import torch
+    from PIL import Image
+
+    root = Path(root)
+    rows = list(csv.DictReader((root / "labels.csv").open()))
+    if not rows or "filename" not in rows[0] or "class_index" not in rows[0]:
+        raise ValueError(f"data: {root / 'labels.csv'} needs columns filename, class_index")
+    img_dir = root / "images" if (root / "images").is_dir() else root
+
+    class _DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            with Image.open(img_dir / rows[i]["filename"]) as im:
+                return transform(im.convert("RGB")), int(rows[i]["class_index"])
+
+    return _DS()
+
+
+def load_eval_data(root, data_config: dict, limit: int | None = None):
+    """Images and labels: an ImageFolder tree, or a folder with ``labels.csv`` (filename, class_index) and
+    ``images/`` (../shared/data/imagenet-sample); timm's eval transform. Returns ``(images (M, 3, H, W)
+    float32, labels (M,) int64)``, the first ``limit`` samples when given (ImageFolder: evenly spread)."""
+    import torch
+    from timm.data import create_transform
+
+    transform = create_transform(**data_config)
+    root = Path(root)
+    if (root / "labels.csv").is_file():
+        ds = _labels_csv_dataset(root, transform)
+    else:
+        ds = image_folder(root, transform)
+    n = len(ds)
+    idx = list(range(n))
+    if limit is not None and limit < n:
+        idx = [int(i * n / limit) for i in range(limit)]  # spread over the classes of a sorted ImageFolder
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=500, num_workers=0)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)

@@ -31,12 +31,13 @@ from collections.abc import Sequence
 
 import torch
 
+from .prune.keep import check_keep_ratio
+
 __all__ = [
     "KEEP_RATIOS",
     "MapMetrics",
     "cc",
     "centre_prior",
-    "check_keep_ratio",
     "fit_centre_prior",
     "kld",
     "map_metrics",
@@ -126,14 +127,6 @@ def sim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     _check_nonnegative("pred", p)
     _check_nonnegative("target", q)
     return torch.minimum(_to_distribution(p), _to_distribution(q)).sum(dim=1)
-
-
-def check_keep_ratio(keep_ratio) -> float:
-    """``keep_ratio`` as a float in (0, 1]; ``ValueError`` naming it otherwise (bools, NaN, 0, > 1)."""
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
-            or not 0.0 < float(keep_ratio) <= 1.0:
-        raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
-    return float(keep_ratio)
 
 
 def topk_recall(pred: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.5) -> torch.Tensor:

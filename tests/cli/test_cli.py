@@ -1,4 +1,5 @@
-"""The command line end to end on real CIFAR-10 test images with the embedded teacher."""
+"""The command line (rollout_fast.cli) end to end on real CIFAR-10 test images with the embedded teacher, and the
+parser built from one module per command."""
 
 from __future__ import annotations
 
@@ -93,3 +94,30 @@ def test_rollout_command_rejects_a_student_of_another_grid(tmp_path, capsys):
     assert code == 1
     assert "grid" in capsys.readouterr().err
     assert not (tmp_path / "o" / "rollout.npz").exists()
+
+
+def test_parser_has_every_command_and_imports_no_timm():
+    """One sub-command per command module, in the documented order; building the parser does not import timm
+    (a fresh interpreter), and ``python -m rollout_fast.cli --help`` lists the commands."""
+    code = ("import sys; from rollout_fast.cli import build_parser; p = build_parser(); "
+            "sub = next(a for a in p._actions if a.dest == 'command'); print(list(sub.choices)); "
+            "print('timm' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    names, timm_loaded = res.stdout.split("\n")[:2]
+    assert names == str(["train-teacher", "rollout", "eval-teacher", "distill", "prune-eval"])
+    assert timm_loaded == "False"
+    res = subprocess.run([sys.executable, "-m", "rollout_fast.cli", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert "prune-eval" in res.stdout and "train-teacher" in res.stdout
+
+
+def test_every_command_module_registers_and_runs():
+    from rollout_fast.cli import COMMANDS, prune_eval, rollout
+
+    assert all(callable(getattr(c, "register", None)) for c in COMMANDS)
+    args = __import__("rollout_fast.cli", fromlist=["build_parser"]).build_parser().parse_args(
+        ["prune-eval", "--data", "d", "--out", "o"])
+    assert args.func is prune_eval.run
+    args = __import__("rollout_fast.cli", fromlist=["build_parser"]).build_parser().parse_args(
+        ["rollout", "a.png", "--out", "o"])
+    assert args.func is rollout.run
