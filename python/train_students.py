@@ -7,7 +7,7 @@ object-placement test) next to the centre-prior, mean-map and uniform baselines,
 ``OUT/results.json`` and the README table ``OUT/RESULTS.md``, draws ``OUT/grid.png`` (input | teacher
 rollout | student prediction), and installs the best student within 10% of the teacher's multiply-adds
 as ``rollout_fast/assets/cifar10-vit-student.safetensors`` + ``.json`` (loaded by
-``rollout_fast.students.load_student("cifar10-vit")``), or as the shipped student named by
+``rollout_fast.load_student("cifar10-vit")``), or as the shipped student named by
 ``--install-as`` (the second command: the pruning student ``cifar10-vit-prune``). Resumable: run it
 again after an interruption.
 
@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from rollout_fast.distill import DistillConfig, distill
-from rollout_fast.students import EMBEDDED_STUDENTS
+from rollout_fast.zoo import EMBEDDED_STUDENTS
 
 # name, student, strategy, factor, epochs (phase 2), extra config
 RUNS = [
@@ -115,9 +116,8 @@ def figure(best_dir: Path, data: str, path: Path, n: int = 8) -> None:
     import torch
     from timm.data import create_transform
 
-    from rollout_fast import AttentionRollout, load_teacher
+    from rollout_fast import AttentionRollout, load_student, load_teacher
     from rollout_fast.data import image_folder, resolve_split
-    from rollout_fast.students import load_student
     from rollout_fast.viz import denormalize, save_grid
 
     student, card = load_student(str(best_dir / "student.safetensors"))
@@ -139,7 +139,7 @@ def figure(best_dir: Path, data: str, path: Path, n: int = 8) -> None:
               extra=[("student", [m.numpy() for m in s_maps])])
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/cifar10")
     p.add_argument("--out", default="runs/students")
@@ -160,9 +160,11 @@ def main() -> None:
                         "--target grad-rollout --only resnet-cifar-lowres-f2)")
     p.add_argument("--fallback", type=Path, default=None,
                    help="with --only: take runs missing from OUT from this earlier output folder (marked †)")
-    args = p.parse_args()
+    return p.parse_args(argv)
 
-    out = Path(args.out)
+
+def train_runs(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Distil every run of RUNS (or those of --only; the others are read from OUT or --fallback); their rows."""
     cache = out / "cache"
     rows = []
     for name, student, strategy, factor, epochs, extra in RUNS:
@@ -191,11 +193,11 @@ def main() -> None:
         print(f"== {name}: {command}", flush=True)
         distill(args.data, out / name, cfg, resume=resume, cache_dir=cache, command=command)
         rows.append(_row(name, out / name))
-    if not rows:
-        raise SystemExit("no runs")
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    eligible = [r for r in rows if r["cost"]["macs_relative_to_teacher_forward"] <= MAX_RELATIVE_MACS]
-    best = max(eligible or rows, key=lambda r: r["centred"]["recall@0.5"])
+    return rows
+
+
+def results_md(args: argparse.Namespace, rows: list[dict], best: dict) -> list[str]:
+    """OUT/RESULTS.md: the table, the recipe, the shipped student and its targets."""
     what = (f"rollout: head fusion {args.head_fusion}" if args.target == "rollout" else
             "gradient rollout of the predicted class")
     md = [f"Students of `cifar10-vit` ({what}, discard ratio "
@@ -210,7 +212,34 @@ def main() -> None:
     if any(r.get("mark") for r in rows):
         md += ["", f"† from an earlier, shorter pass of this recipe ({args.fallback}: 25,000-image subset, "
                "fewer epochs); the other rows are from the full training set."]
-    md += ["", f"Shipped: **{best['name']}**.", ""] + [f"- {t}" for t in targets(best)]
+    return md + ["", f"Shipped: **{best['name']}**.", ""] + [f"- {t}" for t in targets(best)]
+
+
+def install(best: dict, best_dir: Path, as_name: str) -> None:
+    """Copy the best run's weights and card into rollout_fast/assets as the shipped student ``as_name``."""
+    dest = EMBEDDED_STUDENTS[as_name]
+    size = (best_dir / "student.safetensors").stat().st_size
+    if size > 5 * 2 ** 20:
+        raise SystemExit(f"{best['name']} is {size / 2 ** 20:.1f} MB > 5 MB: not installed")
+    card = json.loads((best_dir / "student.json").read_text())
+    card.update(name=dest.name, teacher="cifar10-vit", run=best["name"])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best_dir / "student.safetensors", dest.with_suffix(".safetensors"))
+    dest.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"installed {best['name']} as {dest}.safetensors / .json ({size / 1e6:.2f} MB)")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # distill's line per epoch
+    args = parse_args()
+    out = Path(args.out)
+    rows = train_runs(args, out)
+    if not rows:
+        raise SystemExit("no runs")
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    eligible = [r for r in rows if r["cost"]["macs_relative_to_teacher_forward"] <= MAX_RELATIVE_MACS]
+    best = max(eligible or rows, key=lambda r: r["centred"]["recall@0.5"])
+    md = results_md(args, rows, best)
     (out / "RESULTS.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     best_dir = out / best["name"]
@@ -219,17 +248,7 @@ def main() -> None:
     except Exception as e:  # the table matters more than the figure
         print(f"figure skipped: {type(e).__name__}: {e}")
     if not args.no_install:
-        dest = EMBEDDED_STUDENTS[args.install_as]
-        size = (best_dir / "student.safetensors").stat().st_size
-        if size > 5 * 2 ** 20:
-            raise SystemExit(f"{best['name']} is {size / 2 ** 20:.1f} MB > 5 MB: not installed")
-        card = json.loads((best_dir / "student.json").read_text())
-        card.update(name=dest.name, teacher="cifar10-vit", run=best["name"])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(best_dir / "student.safetensors", dest.with_suffix(".safetensors"))
-        dest.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-        print(f"installed {best['name']} as {dest}.safetensors / .json ({size / 1e6:.2f} MB)")
-
+        install(best, best_dir, args.install_as)
 
 if __name__ == "__main__":
     main()
