@@ -79,6 +79,108 @@ def _load_rgb(path: Path):
         return im.convert("RGB")
 
 
+def _check_request(batch_size: int, method: str, target, model: torch.nn.Module) -> None:
+    """The arguments of :func:`rollout_images`, checked once before any file is read."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if method not in ("attention", "grad"):
+        raise ValueError(f"method: expected 'attention' or 'grad', got {method!r}")
+    if target is None:
+        return
+    if method != "grad":
+        raise ValueError("target: a target class is used only with method 'grad'")
+    if isinstance(target, bool) or not isinstance(target, int):
+        raise TypeError(f"target: expected an int class index, got {target!r}")
+    num_classes = getattr(model, "num_classes", None)
+    if target < 0 or (isinstance(num_classes, int) and num_classes > 0 and target >= num_classes):
+        raise ValueError(f"target: class {target} is outside the model's classes [0, {num_classes})")
+
+
+def _batches(files: Sequence, transform, batch_size: int, skipped: list, progress: bool):
+    """``(images (b, 3, H, W), files)`` batches of the readable files; unreadable ones are warned about and
+    appended to ``skipped`` as ``(file, reason)``."""
+    from tqdm.auto import tqdm
+
+    batch, batch_files = [], []
+    for f in tqdm(list(files), desc="rollout", disable=not progress):
+        try:
+            img = _load_rgb(Path(f))
+        except Exception as e:  # PIL raises OSError, UnidentifiedImageError, ValueError, ...
+            # stacklevel 3: the warning points at the caller of rollout_images
+            warnings.warn(f"skipping unreadable image {str(f)!r}: {type(e).__name__}: {e}", stacklevel=3)
+            skipped.append((str(f), f"{type(e).__name__}: {e}"))
+            continue
+        batch.append(transform(img))
+        batch_files.append(f)
+        if len(batch) == batch_size:
+            yield torch.stack(batch), batch_files
+            batch, batch_files = [], []
+    if batch:
+        yield torch.stack(batch), batch_files
+
+
+class _RolloutWriter:
+    """Collects the maps of each batch, writes the overlays as it goes and ``rollout.npz`` + ``grid.png`` at
+    the end (:meth:`finish`)."""
+
+    def __init__(self, out: Path, data_config: dict, names: list[str] | None, method: str, overlays: bool):
+        self.result = RolloutJobResult(out)
+        self.data_config, self.names, self.method, self.overlays = data_config, names, method, overlays
+        self.maps, self.classes, self.probs, self.targets, self.student_maps = [], [], [], [], []
+        self.shown: list[tuple] = []
+
+    def _label(self, c: int) -> str:
+        return self.names[c] if self.names else str(c)
+
+    def add(self, x: torch.Tensor, files: Sequence, maps: torch.Tensor, logits: torch.Tensor,
+            target: int | None, student_maps: torch.Tensor | None) -> None:
+        from .viz import denormalize, save_overlay
+
+        p, c = logits.float().softmax(-1).max(-1)
+        t = c if target is None else torch.full_like(c, target)
+        maps_np = maps.cpu().numpy()
+        if student_maps is not None:
+            self.student_maps.append(student_maps.float().cpu().numpy())
+        imgs = denormalize(x, self.data_config["mean"], self.data_config["std"])
+        for i, f in enumerate(files):
+            idx = len(self.result.files)
+            label = self._label(int(c[i]))
+            if self.method == "grad":
+                label += f"; grad for {self._label(int(t[i]))}"
+            if self.overlays:
+                self.result.overlays.append(save_overlay(
+                    imgs[i], maps_np[i], self.result.out / "overlays" / f"{idx:05d}_{Path(f).stem}.png",
+                    title=f"{Path(f).name}: {label} ({float(p[i]):.2f})"))
+            if len(self.shown) < 16:
+                self.shown.append((imgs[i], maps_np[i], f"{Path(f).name}: {label}"))
+            self.result.files.append(str(f))
+        self.maps.append(maps_np)
+        self.classes.append(c.cpu().numpy())
+        self.probs.append(p.cpu().numpy())
+        self.targets.append(t.cpu().numpy())
+
+    def finish(self) -> RolloutJobResult:
+        from .viz import save_grid
+
+        result = self.result
+        result.out.mkdir(parents=True, exist_ok=True)
+        classes = np.concatenate(self.classes).astype(np.int64)
+        result.npz = result.out / "rollout.npz"
+        extra = {"target_class": np.concatenate(self.targets).astype(np.int64)} if self.method == "grad" else {}
+        columns = []
+        if self.student_maps:
+            extra["student_maps"] = np.concatenate(self.student_maps).astype(np.float32)
+            columns = [("student", list(extra["student_maps"][:len(self.shown)]))]
+        np.savez(result.npz, maps=np.concatenate(self.maps).astype(np.float32),
+                 files=np.array(result.files), predicted_class=classes,
+                 probability=np.concatenate(self.probs).astype(np.float32),
+                 predicted_label=np.array([self._label(c) for c in classes]),
+                 method=np.array(self.method), **extra)
+        result.grid = save_grid([s[0] for s in self.shown], [s[1] for s in self.shown], result.out / "grid.png",
+                                titles=[s[2] for s in self.shown], extra=columns)
+        return result
+
+
 def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, model: torch.nn.Module,
                    data_config: dict, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
@@ -93,7 +195,9 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     ``method``: 'attention' (attention rollout, ``head_fusion``) or 'grad' (class-specific gradient
     rollout, REFERENCE.md section 2, for class ``target``; default each image's predicted class).
     ``student``: a :class:`rollout_fast.students.RolloutStudent` of this teacher; its predicted maps (from
-    the same input batch) are saved as ``student_maps`` and drawn beside the rollout in ``grid.png``.
+    the same input batch) are saved as ``student_maps`` and drawn beside the rollout in ``grid.png``. Its
+    grid and input size are checked against the explainer's maps and input on the first batch, before
+    anything is written.
 
     Writes:
         ``out/overlays/NNNNN_<name>.png``: the model input with the rollout heatmap and a colour bar;
@@ -104,106 +208,34 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
 
     Raises:
         ValueError: ``batch_size`` < 1, unknown ``method``, ``target`` given without method 'grad' or
-            outside the model's classes, or no file could be read (nothing is written then).
+            outside the model's classes, a student of another grid or input size, or no file could be read
+            (nothing is written then).
         TypeError: ``target`` not an int.
     """
     from timm.data import create_transform
-    from tqdm.auto import tqdm
 
-    from .viz import denormalize, save_grid, save_overlay
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    if method not in ("attention", "grad"):
-        raise ValueError(f"method: expected 'attention' or 'grad', got {method!r}")
-    if target is not None:
-        if method != "grad":
-            raise ValueError("target: a target class is used only with method 'grad'")
-        if isinstance(target, bool) or not isinstance(target, int):
-            raise TypeError(f"target: expected an int class index, got {target!r}")
-        num_classes = getattr(model, "num_classes", None)
-        if target < 0 or (isinstance(num_classes, int) and num_classes > 0 and target >= num_classes):
-            raise ValueError(f"target: class {target} is outside the model's classes [0, {num_classes})")
+    _check_request(batch_size, method, target, model)
     device = torch.device(device)
-    transform = create_transform(**data_config)
     explainer = AttentionRollout(model, head_fusion=head_fusion, discard_ratio=discard_ratio)
     if student is not None:
-        from .capture import token_layout
-        from .students import check_student_grid
-
-        size = tuple(int(v) for v in data_config["input_size"][-2:])
-        check_student_grid(student, token_layout(model, size).grid, size)
         student = student.to(device).eval()
-    student_all: list[np.ndarray] = []
-    names = class_names_of(model)
-    result = RolloutJobResult(Path(out))
-    maps_all, cls_all, prob_all, target_all, shown = [], [], [], [], []
-
-    def flush(batch, batch_files):
-        x = torch.stack(batch).to(device)
-        if method == "grad":
-            maps, logits = explainer.explain_grad(x, target)
-        else:
-            maps, logits = explainer.explain(x)
-        probs = logits.float().softmax(-1)
-        p, c = probs.max(-1)
-        t = c if target is None else torch.full_like(c, target)
-        maps_np = maps.cpu().numpy()
+    writer = _RolloutWriter(Path(out), data_config, class_names_of(model), method, overlays)
+    batches = _batches(files, create_transform(**data_config), batch_size, writer.result.skipped, progress)
+    for x, batch_files in batches:
+        x = x.to(device)
+        maps, logits = explainer.explain_grad(x, target) if method == "grad" else explainer.explain(x)
+        student_maps = None
         if student is not None:
+            if not writer.result.files:  # the explainer's grid and input, once
+                from .students import check_student_grid
+
+                check_student_grid(student, tuple(maps.shape[-2:]), tuple(x.shape[-2:]))
             with torch.no_grad():
-                student_all.append(student.maps(x).float().cpu().numpy())
-        imgs = denormalize(x, data_config["mean"], data_config["std"])
-        for i, f in enumerate(batch_files):
-            idx = len(result.files)
-            label = names[c[i]] if names else str(int(c[i]))
-            if method == "grad":
-                label += f"; grad for {names[t[i]] if names else int(t[i])}"
-            if overlays:
-                result.overlays.append(save_overlay(
-                    imgs[i], maps_np[i], result.out / "overlays" / f"{idx:05d}_{Path(f).stem}.png",
-                    title=f"{Path(f).name}: {label} ({float(p[i]):.2f})"))
-            if len(shown) < 16:
-                shown.append((imgs[i], maps_np[i], f"{Path(f).name}: {label}"))
-            result.files.append(str(f))
-        maps_all.append(maps_np)
-        cls_all.append(c.cpu().numpy())
-        prob_all.append(p.cpu().numpy())
-        target_all.append(t.cpu().numpy())
-
-    batch, batch_files = [], []
-    for f in tqdm(list(files), desc="rollout", disable=not progress):
-        try:
-            img = _load_rgb(Path(f))
-        except Exception as e:  # PIL raises OSError, UnidentifiedImageError, ValueError, ...
-            warnings.warn(f"skipping unreadable image {str(f)!r}: {type(e).__name__}: {e}", stacklevel=2)
-            result.skipped.append((str(f), f"{type(e).__name__}: {e}"))
-            continue
-        batch.append(transform(img))
-        batch_files.append(f)
-        if len(batch) == batch_size:
-            flush(batch, batch_files)
-            batch, batch_files = [], []
-    if batch:
-        flush(batch, batch_files)
-    if not result.files:
+                student_maps = student.maps(x)
+        writer.add(x, batch_files, maps, logits, target, student_maps)
+    if not writer.result.files:
         raise ValueError(f"images: none of the {len(files)} inputs could be read")
-
-    result.out.mkdir(parents=True, exist_ok=True)
-    classes = np.concatenate(cls_all).astype(np.int64)
-    result.npz = result.out / "rollout.npz"
-    extra = {"target_class": np.concatenate(target_all).astype(np.int64)} if method == "grad" else {}
-    columns = []
-    if student is not None:
-        extra["student_maps"] = np.concatenate(student_all).astype(np.float32)
-        columns = [("student", list(extra["student_maps"][:len(shown)]))]
-    np.savez(result.npz, maps=np.concatenate(maps_all).astype(np.float32),
-             files=np.array(result.files), predicted_class=classes,
-             probability=np.concatenate(prob_all).astype(np.float32),
-             predicted_label=np.array([names[c] if names else str(c) for c in classes]),
-             method=np.array(method), **extra)
-    result.grid = save_grid([s[0] for s in shown], [s[1] for s in shown], result.out / "grid.png",
-                            titles=[s[2] for s in shown], extra=columns)
-    return result
+    return writer.finish()
 
 
 def evaluate_folder(model: torch.nn.Module, data_config: dict, root: str | os.PathLike, *,

@@ -1,0 +1,116 @@
+"""The CLI's jobs as such (rollout_fast.jobs): collecting images, rollout over files, folder evaluation, on a tiny
+random-weight ViT (no ../shared data needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rollout_fast.data import CIFAR10_MEAN, CIFAR10_STD
+from rollout_fast.jobs import class_names_of, collect_images, evaluate_folder, rollout_images
+
+DATA_CONFIG = {"input_size": (3, 32, 32), "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "interpolation": "bilinear",
+               "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def _vit(num_classes=10):
+    from timm.models import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3,
+                             num_classes=num_classes).eval()
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (size, mode) in enumerate([((40, 50), "RGB"), ((32, 32), "L"), ((64, 20), "RGBA")]):
+        f = tmp_path / "imgs" / f"{i}.png"
+        f.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).convert(mode).save(f)
+        files.append(f)
+    return files
+
+
+def test_collect_images_finds_files_and_image_folders(tmp_path, image_files):
+    (tmp_path / "imgs" / "sub").mkdir()
+    (tmp_path / "imgs" / "sub" / "x.JPG").write_bytes(b"")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    found = collect_images([image_files[0], tmp_path / "imgs"])
+    assert found[0] == image_files[0]
+    assert found[1:] == sorted([*image_files, tmp_path / "imgs" / "sub" / "x.JPG"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        collect_images([tmp_path / "missing.png"])
+
+
+def test_class_names_from_the_pretrained_cfg():
+    model = _vit()
+    assert class_names_of(model) is None
+    model.pretrained_cfg = {"label_names": [f"c{i}" for i in range(10)]}
+    assert class_names_of(model)[3] == "c3"
+
+
+def test_rollout_images_writes_maps_overlays_and_grid(image_files, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="broken.png"):
+        res = rollout_images([*image_files, broken], out, _vit(), DATA_CONFIG, batch_size=2, progress=False)
+    assert res.files == [str(f) for f in image_files] and [s[0] for s in res.skipped] == [str(broken)]
+    assert len(res.overlays) == 3 and all(p.is_file() for p in res.overlays) and res.grid.is_file()
+    data = np.load(res.npz)
+    assert data["maps"].shape == (3, 8, 8) and data["maps"].dtype == np.float32
+    np.testing.assert_allclose(data["maps"].max(axis=(1, 2)), 1.0, rtol=1e-6)
+    assert data["predicted_class"].dtype == np.int64 and str(data["method"]) == "attention"
+    assert "target_class" not in data and "student_maps" not in data
+    assert list(data["predicted_label"]) == [str(c) for c in data["predicted_class"]]
+
+
+def test_rollout_images_grad_method_explains_the_target(image_files, tmp_path):
+    res = rollout_images(image_files, tmp_path / "g", _vit(), DATA_CONFIG, method="grad", target=4,
+                         overlays=False, progress=False)
+    data = np.load(res.npz)
+    assert res.overlays == [] and data["target_class"].tolist() == [4, 4, 4] and str(data["method"]) == "grad"
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"method": "lrp"}, ValueError, "method"),
+    ({"target": 3}, ValueError, "only with method 'grad'"),
+    ({"method": "grad", "target": 10}, ValueError, r"class 10 is outside the model's classes \[0, 10\)"),
+    ({"method": "grad", "target": "3"}, TypeError, "target: expected an int"),
+])
+def test_rollout_images_bad_arguments_write_nothing(image_files, tmp_path, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        rollout_images(image_files, tmp_path / "o", _vit(), DATA_CONFIG, progress=False, **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_rollout_images_nothing_readable(tmp_path):
+    bad = tmp_path / "a.png"
+    bad.write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 1 inputs could be read"):
+        rollout_images([bad], tmp_path / "o", _vit(), DATA_CONFIG, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_rollout_images_student_of_another_grid_writes_nothing(image_files, tmp_path):
+    from rollout_fast.students import create_student
+
+    student = create_student("resnet-cifar", strategy="lowres", factor=2, input_size=(32, 32), grid=(4, 4))
+    with pytest.raises(ValueError, match="grid"):
+        rollout_images(image_files, tmp_path / "o", _vit(), DATA_CONFIG, student=student, progress=False)
+    assert not (tmp_path / "o").exists()
+    good = create_student("resnet-cifar", strategy="lowres", factor=2, input_size=(32, 32), grid=(8, 8))
+    res = rollout_images(image_files, tmp_path / "s", _vit(), DATA_CONFIG, student=good, overlays=False,
+                         progress=False)
+    assert np.load(res.npz)["student_maps"].shape == (3, 8, 8)
+
+
+def test_evaluate_folder_on_a_tiny_image_folder(tiny_cifar):
+    acc = evaluate_folder(_vit(), DATA_CONFIG, tiny_cifar / "test", batch_size=8, progress=False)
+    assert 0.0 <= acc <= 1.0
+    assert evaluate_folder(_vit(), DATA_CONFIG, tiny_cifar / "test", indices=[0], progress=False) in (0.0, 1.0)
