@@ -9,32 +9,14 @@ imports this package: the CLI calls the API and is the only part that prints.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 
-from . import eval_teacher, prune_eval, rollout, train_teacher
+from . import distill, eval_teacher, prune_eval, rollout, train_teacher
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 DESCRIPTION = "The ``rollout-fast`` command line: parse arguments, call the package's API, print."
-
-
-class _DistillUntilItsModuleLands:
-    """``distill`` through :func:`rollout_fast.distill.add_distill_parser` until ``cli/distill.py`` exists."""
-
-    @staticmethod
-    def register(subparsers) -> None:
-        from ..distill import add_distill_parser
-
-        add_distill_parser(subparsers)
-
-
-if importlib.util.find_spec(f"{__name__}.distill") is not None:
-    from . import distill
-else:
-    distill = _DistillUntilItsModuleLands
-
 COMMANDS = (train_teacher, rollout, eval_teacher, distill, prune_eval)
 
 

@@ -148,7 +148,7 @@ def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *,
         scorer: a registered name ('random' | 'rollout' | 'grad-rollout' | 'cls-attention' | 'student', see
             :func:`~rollout_fast.prune.register_scorer`), a :class:`PatchScorer`, or a callable
             ``images (B, 3, H, W) -> (B, G) or (B, gh, gw)`` float scores (larger = keep).
-        backend: :func:`rollout_fast.gather.topk_gather` backend ('auto' picks the compiled/Triton kernel).
+        backend: :func:`rollout_fast.topk_gather` backend ('auto' picks the compiled/Triton kernel).
         **scorer_kwargs: passed to :func:`make_scorer` (``seed``, ``student``, ``thumbnail``, ``block``,
             ``rollout_discard_ratio``, ``head_fusion``).
 
