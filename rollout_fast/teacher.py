@@ -278,6 +278,40 @@ def _train_epoch(model, loader, opt, sched, loss_fn, dev, desc: str, progress: b
     return tot_loss / tot, tot_correct / tot
 
 
+def _resume(ckpt_path: Path, cfg: TeacherConfig, model, opt, sched, gen) -> tuple[int, list[list]]:
+    """Load ``last.pt`` into the training objects; (epochs done, log rows). ValueError for another config."""
+    state = load_training_state(ckpt_path)
+    if state.get("config") != asdict(cfg):
+        raise ValueError("resume: the checkpoint was written with a different configuration: "
+                         f"{state.get('config')} vs {asdict(cfg)}")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    gen.set_state(state["rng_loader"])
+    return state["epoch"], [list(r) for r in state.get("log", [])]
+
+
+def _card(cfg: TeacherConfig, data_config: dict, class_names: list, wnids: list | None, test_acc: float,
+          test_images: int, dev: torch.device, command: str | None) -> dict:
+    """The model card written beside the weights (what :func:`rollout_fast.zoo.load_teacher` reads)."""
+    return {
+        "name": cfg.name,
+        "architecture": "timm.models.VisionTransformer",
+        "arch": cfg.arch,
+        "data_config": data_config,
+        "class_names": class_names,
+        **({"wnids": wnids} if wnids is not None else {}),
+        "test_top1": round(test_acc, 4),
+        "test_images": test_images,
+        "eval_split": cfg.eval_split,
+        "training": {**{k: v for k, v in asdict(cfg).items() if k not in ("arch", "class_names")},
+                     "device": str(dev), "torch": torch.__version__},
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "data_source": cfg.data_source,
+    }
+
+
 def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: TeacherConfig | None = None,
                   *, device: str | None = None, resume: bool = False, command: str | None = None,
                   progress: bool = True) -> dict:
@@ -327,18 +361,8 @@ def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: Teach
         opt, lr_lambda(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    start_epoch, rows, ckpt_path = 0, [], out / "last.pt"
-    if resume:
-        state = load_training_state(ckpt_path)
-        if state.get("config") != asdict(cfg):
-            raise ValueError("resume: the checkpoint was written with a different configuration: "
-                             f"{state.get('config')} vs {asdict(cfg)}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        gen.set_state(state["rng_loader"])
-        start_epoch, rows = state["epoch"], [list(r) for r in state.get("log", [])]
+    ckpt_path = out / "last.pt"
+    start_epoch, rows = _resume(ckpt_path, cfg, model, opt, sched, gen) if resume else (0, [])
     _write_log(out / "log.csv", rows)
 
     test_acc = float("nan")
@@ -361,21 +385,7 @@ def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: Teach
 
     if math.isnan(test_acc):  # resumed after the last epoch: measure again
         test_acc = evaluate(model, eval_loader, dev, progress=progress)
-    card = {
-        "name": cfg.name,
-        "architecture": "timm.models.VisionTransformer",
-        "arch": cfg.arch,
-        "data_config": data_config,
-        "class_names": class_names,
-        **({"wnids": wnids} if wnids is not None else {}),
-        "test_top1": round(test_acc, 4),
-        "test_images": len(eval_set),
-        "eval_split": cfg.eval_split,
-        "training": {**{k: v for k, v in asdict(cfg).items() if k not in ("arch", "class_names")},
-                     "device": str(dev), "torch": torch.__version__},
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-        "data_source": cfg.data_source,
-    }
+    card = _card(cfg, data_config, class_names, wnids, test_acc, len(eval_set), dev, command)
     save_weights(out / "teacher.safetensors", model.state_dict(), {"card": "teacher.json"})
     write_json(out / "teacher.json", card)
     return card
