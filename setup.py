@@ -1,7 +1,8 @@
 """Build script: the package plus its private compiled extension ``rollout_fast._C``.
 
 ``rollout_fast._C`` holds the C++ CPU kernel (always, given a C++ compiler) and the CUDA kernels (when a
-CUDA toolkit is found) of the custom ops ``torch.ops.rollout_fast.rollout`` / ``fused_layers``. It is
+CUDA toolkit is found) of the custom ops ``torch.ops.rollout_fast.rollout`` / ``fused_layers`` /
+``topk_gather`` (schemas in ``csrc/ops.cpp``, bodies in ``csrc/cpu/`` and ``csrc/cuda/``). It is
 built against the installed torch, so install torch first and build without isolation:
 ``pip install --no-build-isolation -e .`` (what ``make install`` does).
 
@@ -71,11 +72,12 @@ def _extensions():
         # -fopenmp every CPU kernel runs on one thread. The loader reuses the libgomp.so.1 torch loaded.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = ["csrc/module.cpp", "csrc/rollout_cpu.cpp", "csrc/gather_cpu.cpp"]
+    # csrc/ops.cpp: the module and every op schema; csrc/cpu, csrc/cuda: the bodies per device
+    sources = ["csrc/ops.cpp", "csrc/cpu/rollout_cpu.cpp", "csrc/cpu/gather_cpu.cpp"]
     if cuda_home:
         ext = CUDAExtension(
             "rollout_fast._C",
-            sources + ["csrc/rollout_cuda.cpp", "csrc/rollout_cuda_kernels.cu", "csrc/gather_cuda.cu"],
+            sources + ["csrc/cuda/rollout_cuda.cpp", "csrc/cuda/rollout_cuda_kernels.cu", "csrc/cuda/gather_cuda.cu"],
             include_dirs=[os.path.abspath("csrc")],
             define_macros=[("ROLLOUT_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": [*opt, "-lineinfo"]},

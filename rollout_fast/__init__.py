@@ -36,6 +36,6 @@ def __getattr__(name):  # lazy: importing the op must not import timm
         from .prune import prune_tokens
         return prune_tokens
     if name == "topk_gather":
-        from .gather import topk_gather
+        from .ops import topk_gather
         return topk_gather
     raise AttributeError(f"module 'rollout_fast' has no attribute {name!r}")

@@ -7,11 +7,11 @@ import sys
 
 
 def collect() -> dict:
-    """Return a dict of versions, devices, rollout backends and embedded-model locations."""
+    """Return a dict of versions, devices, rollout backends (and each op's backends) and embedded-model locations."""
     import torch
 
     from . import __version__
-    from .ops import available_backends
+    from .ops import available_backends, registry
     from .zoo import EMBEDDED_TEACHERS, teacher_card
 
     info = {
@@ -22,6 +22,7 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backends": available_backends(),
+        "op_backends": {op: registry.available(op) for op in registry.AUTO_ORDER},
     }
     for mod in ("timm", "triton", "safetensors", "numpy"):
         try:

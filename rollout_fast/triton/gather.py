@@ -2,7 +2,7 @@
 
 ``torch.ops.rollout_fast.topk_gather_triton(tokens, scores, k, num_prefix_tokens) -> (kept, indices)``:
 same arguments, results and semantics as the compiled ``rollout_fast::topk_gather``
-(:mod:`rollout_fast.gather`): tokens ``(B, N, D)`` float16|bfloat16|float32|float64, scores ``(B, G)``
+(:mod:`rollout_fast.reference.gather`): tokens ``(B, N, D)`` float16|bfloat16|float32|float64, scores ``(B, G)``
 float32, ``kept`` ``(B, P + k, D)`` (prefix tokens, then the k best patches in ascending index), ``indices``
 int64 ``(B, k)`` ascending; ties go to the lower index.
 
@@ -13,7 +13,8 @@ winner's index at its rank among the winners (another cumulative sum); ``_copy_k
 copies one token row per program.
 
 On CUDA the op is a ``torch.library.triton_op``; under ``TRITON_INTERPRET=1`` (CPU tensors) it is an
-opaque ``torch.library.custom_op`` with a fake kernel, as in :mod:`rollout_fast.triton.rollout`. The
+opaque ``torch.library.custom_op``, as in :mod:`rollout_fast.triton.rollout`; its fake kernel and
+autograd formula are registered by :mod:`rollout_fast.ops.meta`, the only importer of this module. The
 interpreter has no bfloat16, so bfloat16 tokens are moved as their int16 bit patterns there (exact).
 """
 
@@ -22,8 +23,6 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
-
-from ..gather import gather_backward, gather_setup_context
 
 __all__ = ["INTERPRETED", "MAX_G", "topk_gather_triton"]
 
@@ -116,15 +115,8 @@ def _topk_gather(tokens: torch.Tensor, scores: torch.Tensor, k: int,
     return out, idx
 
 
-def _topk_gather_fake(tokens, scores, k, num_prefix_tokens):
-    B, _, D = tokens.shape
-    return tokens.new_empty((B, num_prefix_tokens + k, D)), scores.new_empty((B, k), dtype=torch.int64)
-
-
-if INTERPRETED:
+if INTERPRETED:  # interpreted kernels run eagerly only: an opaque custom op (fake: rollout_fast.ops.meta)
     topk_gather_triton = torch.library.custom_op("rollout_fast::topk_gather_triton", _topk_gather, mutates_args=())
-    topk_gather_triton.register_fake(_topk_gather_fake)
 else:
     topk_gather_triton = torch.library.triton_op("rollout_fast::topk_gather_triton", _topk_gather,
                                                  mutates_args=())
-topk_gather_triton.register_autograd(gather_backward, setup_context=gather_setup_context)

@@ -19,7 +19,8 @@ stored ``M_l`` with ``torch.bmm``.
 
 On CUDA the ops are ``torch.library.triton_op`` s (torch.compile sees the kernels through
 ``wrap_triton``). Under ``TRITON_INTERPRET=1`` (CPU tensors, Triton's interpreter) they are opaque
-``torch.library.custom_op`` s with fake kernels, because interpreted kernels cannot be traced; the
+``torch.library.custom_op`` s with fake kernels (registered by :mod:`rollout_fast.ops.meta`, the only
+importer of this module), because interpreted kernels cannot be traced; the
 interpreter has no bfloat16, so bfloat16 input is upcast (exactly) to float32 first.
 """
 
@@ -243,24 +244,11 @@ def _fused_layers(attentions: torch.Tensor, head_fusion: str, discard_ratio: flo
     return _layers(attentions, head_fusion, discard_ratio, protect_first)
 
 
-def _rollout_fake(attentions, head_fusion, discard_ratio, num_prefix_tokens, protect_prefix, readout, normalize):
-    _, B, _, N, _ = attentions.shape
-    shape = (B, N, N) if readout == "full" else (B, N - num_prefix_tokens)
-    return attentions.new_empty(shape, dtype=torch.float32)
-
-
-def _fused_layers_fake(attentions, head_fusion, discard_ratio, protect_first):
-    L, B, _, N, _ = attentions.shape
-    return attentions.new_empty((L, B, N, N), dtype=torch.float32)
-
-
 if INTERPRETED:
-    # interpreted kernels run eagerly only: opaque custom ops with fakes keep tracing correct
+    # interpreted kernels run eagerly only: opaque custom ops (their fakes: rollout_fast.ops.meta)
     rollout_triton = torch.library.custom_op("rollout_fast::rollout_triton", _rollout, mutates_args=())
-    rollout_triton.register_fake(_rollout_fake)
     fused_layers_triton = torch.library.custom_op("rollout_fast::fused_layers_triton", _fused_layers,
                                                   mutates_args=())
-    fused_layers_triton.register_fake(_fused_layers_fake)
 else:
     rollout_triton = torch.library.triton_op("rollout_fast::rollout_triton", _rollout, mutates_args=())
     fused_layers_triton = torch.library.triton_op("rollout_fast::fused_layers_triton", _fused_layers,

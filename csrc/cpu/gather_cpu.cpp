@@ -1,4 +1,4 @@
-// Fused top-k token gather on the CPU, and the schema of the rollout_fast::topk_gather custom op.
+// Fused top-k token gather on the CPU: the CPU body of rollout_fast::topk_gather (schema in ../ops.cpp).
 //
 //   rollout_fast::topk_gather(tokens (B, N, D) f16|bf16|f32|f64, scores (B, G) f32, k, num_prefix_tokens P)
 //       -> (kept (B, P + k, D) tokens' dtype, indices (B, k) int64)
@@ -6,9 +6,9 @@
 // with G = N - P and 1 <= k <= G. Row b of `kept` is the P prefix tokens of tokens[b] followed by the
 // k patch tokens tokens[b, P + i] whose scores[b, i] are largest, in ascending patch index i;
 // `indices[b]` holds those i (ascending). Ties: the lower index wins; order of scores and NaN:
-// gather_common.h. One pass per sample (parallel over the batch): keys, std::nth_element on
+// common/gather_common.h. One pass per sample (parallel over the batch): keys, std::nth_element on
 // (key desc, index asc), sort the k winners by index, copy the rows (memcpy of D elements each).
-// Python side, reference and fake kernel: rollout_fast/gather.py.
+// Python side: rollout_fast/ops/gather.py; reference: rollout_fast/reference/gather.py; fake: rollout_fast/ops/meta.py.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,7 +23,7 @@
 #include <tuple>
 #include <vector>
 
-#include "gather_common.h"
+#include "common/gather_common.h"
 
 namespace rollout_fast {
 namespace {
@@ -74,11 +74,6 @@ std::tuple<at::Tensor, at::Tensor> topk_gather_cpu(const at::Tensor& tokens, con
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(rollout_fast, m) {
-  m.set_python_module("rollout_fast.gather");  // holds the fake (meta) kernel
-  m.def("topk_gather(Tensor tokens, Tensor scores, int k, int num_prefix_tokens) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(rollout_fast, CPU, m) { m.impl("topk_gather", &topk_gather_cpu); }
 

@@ -1,5 +1,5 @@
-// Per-element logic of the fused attention rollout, shared by the C++ CPU kernel (rollout_cpu.cpp)
-// and the CUDA kernels (rollout_cuda_kernels.cu): head fusion, the discard count and threshold
+// Per-element logic of the fused attention rollout, shared by the C++ CPU kernel (cpu/rollout_cpu.cpp)
+// and the CUDA kernels (cuda/rollout_cuda_kernels.cu): head fusion, the discard count and threshold
 // selection (radix select over order-preserving float keys), discard + residual, readout vector and
 // per-sample map normalisation. Every function is `__host__ __device__` inline, so the CPU tests
 // exercise exactly the code the GPU runs. Semantics: section 1 of docs/REFERENCE.md, implemented in

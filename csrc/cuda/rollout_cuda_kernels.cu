@@ -13,7 +13,7 @@
 
 #include <cstdint>
 
-#include "rollout_common.h"
+#include "common/rollout_common.h"
 #include "rollout_cuda.h"
 
 namespace rollout_fast {

@@ -1,6 +1,6 @@
 // Selection order of the fused top-k gather (rollout_fast::topk_gather), shared by the C++ CPU kernel
-// (gather_cpu.cpp) and the CUDA kernel (gather_cuda.cu); the Triton kernel
-// (rollout_fast/triton/gather.py) and the reference (rollout_fast/gather.py: topk_gather_reference)
+// (cpu/gather_cpu.cpp) and the CUDA kernel (cuda/gather_cuda.cu); the Triton kernel
+// (rollout_fast/triton/gather.py) and the reference (rollout_fast/reference/gather.py: topk_gather_reference)
 // implement the same order.
 //
 // Order: scores are float32 and compared through a 32-bit key that orders like the floats

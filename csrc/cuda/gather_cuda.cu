@@ -1,5 +1,5 @@
-// CUDA body of rollout_fast::topk_gather (schema in gather_cpu.cpp; semantics in gather_common.h and
-// rollout_fast/gather.py). Compiled only when the extension is built with CUDA (setup.py).
+// CUDA body of rollout_fast::topk_gather (schema in ../ops.cpp; semantics in common/gather_common.h and
+// rollout_fast/reference/gather.py). Compiled only when the extension is built with CUDA (setup.py).
 //
 // One block of 256 threads per sample, on the current stream:
 //   1. T = the k-th largest order key of the row: bitwise radix search from the most significant bit,
@@ -22,7 +22,7 @@
 
 #include <tuple>
 
-#include "gather_common.h"
+#include "common/gather_common.h"
 
 namespace rollout_fast {
 namespace {

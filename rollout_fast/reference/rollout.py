@@ -19,7 +19,7 @@ Section 2 (class-specific gradient rollout, :func:`grad_rollout`): per layer
 and ``F_l[b, 0, 0]`` not protected from the discard.
 
 Everything is computed in float32 whatever the input dtype. Slow on purpose and obviously correct;
-this module imports nothing else from the package.
+this module imports nothing else from the package (:mod:`rollout_fast.reference` re-exports it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Fused attention rollout on the CPU, and the schemas of the rollout_fast custom ops.
+// Fused attention rollout on the CPU: the CPU bodies of the rollout_fast custom ops (schemas in ../ops.cpp)
 //
 //   rollout_fast::rollout(attentions (L, B, H, N, N) f16|bf16|f32|f64, head_fusion, discard_ratio,
 //                         num_prefix_tokens, protect_prefix, readout, normalize)
@@ -13,7 +13,7 @@
 // kernel (rollout_cpu_impl.h) is compiled for the baseline ISA and, on x86-64, for AVX2+FMA+F16C,
 // picked at run time (the AVX2 build also has an AVX-512 bracket gather, used where cpu_isa() says
 // "avx512"); with -ffp-contract=off and fixed reduction orders all levels give the same bits.
-// Per-element logic: rollout_common.h (shared with the CUDA kernels).
+// Per-element logic: common/rollout_common.h (shared with the CUDA kernels).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,8 +36,8 @@
 #include <immintrin.h>
 #endif
 
-#include "rollout_common.h"
-#include "rollout_op.h"
+#include "common/rollout_common.h"
+#include "common/rollout_op.h"
 
 namespace rollout_fast {
 
@@ -164,14 +164,6 @@ at::Tensor rollout_cpu(const at::Tensor& attentions, std::string_view head_fusio
 }
 
 }  // namespace
-
-TORCH_LIBRARY(rollout_fast, m) {
-  m.set_python_module("rollout_fast.kernels._ext");  // holds the fake (meta) kernels
-  m.def("rollout(Tensor attentions, str head_fusion, float discard_ratio, int num_prefix_tokens, "
-        "bool protect_prefix, str readout, str? normalize) -> Tensor");
-  m.def("fused_layers(Tensor attentions, str head_fusion, float discard_ratio, bool protect_first) "
-        "-> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(rollout_fast, CPU, m) {
   m.impl("rollout", &rollout_cpu);

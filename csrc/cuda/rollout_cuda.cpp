@@ -1,4 +1,4 @@
-// CUDA bodies of the rollout_fast custom ops (schemas in rollout_cpu.cpp): argument checks,
+// CUDA bodies of the rollout_fast custom ops (schemas in ../ops.cpp): argument checks,
 // allocation, launches on the current stream (rollout_cuda_kernels.cu) and launch-error checks, so a
 // failed launch raises a Python RuntimeError instead of returning garbage. Compiled only when the
 // extension is built with CUDA (setup.py).
@@ -12,7 +12,7 @@
 #include <torch/library.h>
 
 #include "rollout_cuda.h"
-#include "rollout_op.h"
+#include "common/rollout_op.h"
 
 namespace rollout_fast {
 namespace {

@@ -1,107 +1,117 @@
-"""The public attention-rollout op: validates once, picks a backend, runs it.
+"""The public attention-rollout ops: validate once, pick a backend from the registry, run it.
 
-This is the only module that knows the backends. Today the registry holds the pure-PyTorch
-reference (:mod:`rollout_fast.reference`); fused backends ("cpu", "triton", "cuda") register
-themselves in ``_BACKENDS`` with the same calling convention.
+Backends of the op "rollout" (:mod:`rollout_fast.ops.registry`), each taking the validated
+:class:`rollout_fast.reference.RolloutArgs` and returning float32 ``(B, gh, gw)`` maps, or ``(B, N, N)``
+for readout 'full', on the input's device, with the semantics of
+:func:`rollout_fast.reference.attention_rollout`:
+
+- "reference": :func:`rollout_fast.reference.attention_rollout` (plain PyTorch), always available;
+- "cpu" / "cuda": ``torch.ops.rollout_fast.rollout`` from the compiled extension ``rollout_fast._C``
+  (C++ kernel on CPU tensors, CUDA kernels on CUDA tensors; ``csrc/``);
+- "triton": ``torch.ops.rollout_fast.rollout_triton`` (:mod:`rollout_fast.triton.rollout`), on CUDA
+  tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` is set (Triton's interpreter: slow, for tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
 
-from . import reference
-from .reference import RolloutArgs, check_rollout_args
+from .. import reference
+from ..reference import RolloutArgs, check_rollout_args
+from . import _ext, meta, registry
+from .registry import Backend
 
 __all__ = ["BACKENDS", "attention_rollout", "available_backends", "grad_attention_rollout"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+_OP = "rollout"
 
 
-def _reference_backend(args: RolloutArgs) -> torch.Tensor:
+# -------------------------------------------------------------------------------------------- backends
+def _run_reference(args: RolloutArgs) -> torch.Tensor:
     return reference.attention_rollout(
         args.attentions, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
         num_prefix_tokens=args.num_prefix_tokens, grid=args.grid, readout=args.readout,
         normalize=args.normalize, protect_prefix=args.protect_prefix)
 
 
-class Backend(NamedTuple):
-    """A registry entry: ``available() -> bool``, ``supports(device) -> bool``, ``run(RolloutArgs) ->
-    Tensor``, and ``checks_finite(device) -> bool``: True where ``run`` itself raises the reference's
-    ValueError on NaN/inf input (then the op skips its separate finiteness pass)."""
+def _finish(out: torch.Tensor, args: RolloutArgs) -> torch.Tensor:
+    if args.readout == "full":
+        return out
+    return out.reshape(out.shape[0], *args.grid)
 
-    available: Callable[[], bool]
-    supports: Callable[[torch.device], bool]
-    run: Callable[[RolloutArgs], torch.Tensor]
-    checks_finite: Callable[[torch.device], bool]
+
+def run_compiled(args: RolloutArgs) -> torch.Tensor:
+    """Rollout with the C++/CUDA kernels of ``rollout_fast._C`` (the tensor's device picks which).
+
+    Raises:
+        ValueError: NaN or infinite attention values (the CPU kernel checks during its single read,
+            so the op skips ``check_rollout_args``' separate finiteness pass for this backend).
+        RuntimeError: the extension is not built (the message says how to build it), or a CUDA
+            launch failed.
+    """
+    _ext.require()
+    try:
+        out = torch.ops.rollout_fast.rollout(args.attentions, args.head_fusion, args.discard_ratio,
+                                             args.num_prefix_tokens, args.protect_prefix, args.readout,
+                                             args.normalize)
+    except RuntimeError as e:  # the CPU kernel checks finiteness during its one read of the input
+        if "NaN or infinite" in str(e):
+            raise ValueError("attentions: contains NaN or infinite values") from None
+        raise
+    return _finish(out, args)
+
+
+def triton_ops():
+    """:mod:`rollout_fast.triton.rollout` (imports Triton on first call), its fakes registered."""
+    from ..triton import rollout as tr
+
+    meta.register_triton_rollout(tr.INTERPRETED)
+    return tr
+
+
+def run_triton(args: RolloutArgs) -> torch.Tensor:
+    """Rollout with the Triton kernels of :mod:`rollout_fast.triton.rollout`."""
+    out = triton_ops().rollout_triton(args.attentions, args.head_fusion, args.discard_ratio,
+                                      args.num_prefix_tokens, args.protect_prefix, args.readout, args.normalize)
+    return _finish(out, args)
 
 
 def _never(device: torch.device) -> bool:
     return False
 
 
-def _on_cpu(device: torch.device) -> bool:
-    return device.type == "cpu"
+def _on(kind: str):
+    return lambda device: device.type == kind
 
 
-def _on_cuda(device: torch.device) -> bool:
-    return device.type == "cuda"
+registry.register(_OP, "reference", Backend(lambda: True, lambda device: True, _run_reference, _never))
+# the C++ CPU kernel checks finiteness during its single read of the attention; the CUDA one does not
+registry.register(_OP, "cpu", Backend(lambda: meta.load_compiled() is not None, _on("cpu"), run_compiled,
+                                      _on("cpu")))
+registry.register(_OP, "cuda", Backend(lambda: torch.cuda.is_available() and meta.load_compiled() is not None
+                                       and _ext.cuda_built(), _on("cuda"), run_compiled, _never))
+registry.register(_OP, "triton", Backend(registry.triton_usable, registry.triton_usable, run_triton, _never))
 
 
-_BACKENDS: dict[str, Backend] = {
-    "reference": Backend(lambda: True, lambda device: True, _reference_backend, _never),
-}
-# "auto" tries these in order for the input's device type and takes the first available one. Triton is
-# never chosen for CPU tensors: there it runs in Triton's interpreter, which is for tests, not speed.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
-
-
-def _register_fused_backends() -> None:
-    """Add "cpu", "cuda" and "triton" (rollout_fast.kernels.backends); each checks lazily, on first
-    query, whether the compiled extension / Triton can run here."""
-    try:
-        from .kernels import backends as kb
-    except ImportError:  # a broken partial install: the reference still works
-        return
-    # the C++ CPU kernel checks finiteness during its single read of the attention; the CUDA one does not
-    _BACKENDS["cpu"] = Backend(kb.cpu_available, _on_cpu, kb.run_compiled, _on_cpu)
-    _BACKENDS["cuda"] = Backend(kb.cuda_available, _on_cuda, kb.run_compiled, _never)
-    _BACKENDS["triton"] = Backend(kb.triton_available, kb.triton_supports, kb.run_triton, _never)
-
-
-_register_fused_backends()
-
-
+# ---------------------------------------------------------------------------------------- public ops
 def available_backends() -> list[str]:
-    """Names of the backends usable in this install (always includes 'reference')."""
-    return [name for name, entry in _BACKENDS.items() if entry.available()]
+    """Names of the rollout backends usable in this install (always includes 'reference')."""
+    return registry.available(_OP)
 
 
 def _entry(backend: str, device: torch.device) -> Backend:
-    """The registry entry ``backend`` means for tensors on ``device`` ('auto': the first available in
-    ``_AUTO_ORDER``). Raises ValueError for an unknown, unavailable or unsupporting backend."""
+    """The registry entry ``backend`` means for tensors on ``device``. Raises ValueError for an unknown,
+    unavailable or unsupporting backend."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            entry = _BACKENDS.get(name)
-            if entry is not None and entry.available() and entry.supports(device):
-                return entry
-        raise RuntimeError("no rollout backend available")  # unreachable: reference always is
-    entry = _BACKENDS.get(backend)
-    if entry is None or not entry.available():
+    found = registry.pick(_OP, backend, device)
+    if found is not None:
+        return found[1]
+    if backend not in available_backends():
         raise ValueError(f"backend: {backend!r} is not available in this install; available: "
                          f"{available_backends()} (see `python -m rollout_fast.info`)")
-    if not entry.supports(device):
-        raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors")
-    return entry
-
-
-def _pick(backend: str, device: torch.device) -> Callable[[RolloutArgs], torch.Tensor]:
-    """The run function of :func:`_entry`."""
-    return _entry(backend, device).run
+    raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors")
 
 
 def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
@@ -174,7 +184,7 @@ def grad_attention_rollout(attentions, gradients, *, discard_ratio: float = 0.0,
     args, grads = reference.check_grad_rollout_args(
         attentions, gradients, discard_ratio=discard_ratio, num_prefix_tokens=num_prefix_tokens, grid=grid,
         readout=readout, normalize=normalize)
-    _pick(backend, args.attentions.device)  # an unknown backend fails before any work
+    _entry(backend, args.attentions.device)  # an unknown backend fails before any work
     L, B, _, N, _ = args.attentions.shape
     fused = torch.empty((L, B, 1, N, N), dtype=torch.float32, device=args.attentions.device)
     for layer in range(L):
