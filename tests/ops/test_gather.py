@@ -1,4 +1,4 @@
-"""The fused top-k token gather (rollout_fast.gather) on every backend against torch.topk + torch.gather.
+"""The fused top-k token gather (rollout_fast.ops.topk_gather) on every backend against torch.topk + torch.gather.
 
 The reference (``topk_gather_reference``) runs ``torch.topk`` on distinct int64 keys (score order, then
 lower index first) and ``torch.gather``; it is itself checked against a plain stable sort. Every backend must
@@ -10,20 +10,17 @@ without a GPU.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from gpu_compile import compile_for_gpu
+from helpers import HAS_GPU, HAS_TRITON, NO_CUDA_BUILD, compile_for_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout_fast import gather
-from rollout_fast.gather import topk_gather, topk_gather_reference
+from rollout_fast.ops import gather
+from rollout_fast.ops.gather import topk_gather
+from rollout_fast.reference import topk_gather_reference
 
 HAS_OP = gather.load()
-HAS_GPU = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_OP = "compiled extension without rollout_fast::topk_gather (rebuild: pip install --no-build-isolation -e .)"
 NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False on this machine"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -33,8 +30,7 @@ def _backends():
     return [
         pytest.param("cpu", marks=pytest.mark.skipif(not HAS_OP, reason=NO_OP)),
         pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason=NO_GPU),
-                                    pytest.mark.skipif(not (HAS_OP and gather._cuda_built()),
-                                                       reason="the extension was built without CUDA")]),
+                                    pytest.mark.skipif(not (HAS_OP and gather.cuda_built()), reason=NO_CUDA_BUILD)]),
         pytest.param("triton", marks=[pytest.mark.triton,
                                       pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")]),
     ]
@@ -44,9 +40,7 @@ def _device(backend: str) -> str:
     if backend == "cuda" or (backend == "triton" and HAS_GPU):
         return "cuda"
     if backend == "triton":
-        from rollout_fast.triton import gather as tg
-
-        if not tg.INTERPRETED:
+        if not gather.triton_ops().INTERPRETED:
             pytest.skip("Triton kernels were built for the GPU in this process; run with TRITON_INTERPRET=1")
     return "cpu"
 
@@ -193,7 +187,7 @@ def test_opcheck_compiled_cpu():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
-@pytest.mark.skipif(not (HAS_OP and gather._cuda_built()), reason="the extension was built without CUDA")
+@pytest.mark.skipif(not (HAS_OP and gather.cuda_built()), reason=NO_CUDA_BUILD)
 def test_opcheck_compiled_cuda():
     tokens = torch.randn(3, 12, 5, device="cuda")
     torch.library.opcheck(torch.ops.rollout_fast.topk_gather.default,
@@ -205,8 +199,7 @@ def test_opcheck_triton():
     if not HAS_TRITON:
         pytest.skip("Triton is not installed")
     device = _device("triton")
-    from rollout_fast.triton import gather as tg
-
+    tg = gather.triton_ops()
     tokens = torch.randn(3, 12, 5, device=device)
     torch.library.opcheck(tg.topk_gather_triton._opoverload if hasattr(tg.topk_gather_triton, "_opoverload")
                           else torch.ops.rollout_fast.topk_gather_triton.default,

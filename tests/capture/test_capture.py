@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from helpers import explicit_attention, peaky_vit
 from torch import nn
-from vit_testing import explicit_attention, peaky_vit
 
 from rollout_fast import AttentionRollout, reference
 from rollout_fast.capture import UnsupportedModelError, capture_attention, token_layout
