@@ -185,7 +185,7 @@ def environment(args) -> dict:
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     try:
-        from rollout_fast.kernels import _ext
+        from rollout_fast.ops import _ext
 
         if _ext.loaded():
             env["cpu_isa"] = _ext.load().cpu_isa()
