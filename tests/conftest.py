@@ -71,3 +71,12 @@ def cifar10_test() -> Path:
         pytest.skip(f"real CIFAR-10 data not found at {root} (set ROLLOUT_FAST_SHARED to the shared/ "
                     "folder holding data/cifar10)")
     return root
+
+
+@pytest.fixture
+def imagenet_sample() -> Path:
+    """The real ImageNet sample photos in ../shared (skips where ../shared is absent)."""
+    if not (IMAGENET_SAMPLE / "labels.csv").is_file():
+        pytest.skip(f"real ImageNet sample not found at {IMAGENET_SAMPLE} (set ROLLOUT_FAST_SHARED to the shared/ "
+                    "folder holding data/imagenet-sample)")
+    return IMAGENET_SAMPLE

@@ -9,7 +9,6 @@ import json
 import pytest
 import timm
 import torch
-from conftest import IMAGENET_SAMPLE
 
 from rollout_fast.cli import prune_eval as prune_eval_command
 
@@ -20,13 +19,6 @@ def _run(argv):
     args = parser.parse_args(argv)
     return args.func(args)
 
-
-@pytest.fixture
-def imagenet_sample():
-    if not (IMAGENET_SAMPLE / "labels.csv").is_file():
-        pytest.skip(f"real ImageNet sample not found at {IMAGENET_SAMPLE} (set ROLLOUT_FAST_SHARED to the shared/ "
-                    "folder holding data/imagenet-sample)")
-    return IMAGENET_SAMPLE
 
 
 def test_prune_eval_cli_on_real_photos(imagenet_sample, tmp_path, capsys):

@@ -4,10 +4,8 @@ images, the hand-written pruned forward and a stand-in student. The test files i
 
 from __future__ import annotations
 
-import pytest
 import timm
 import torch
-from conftest import IMAGENET_SAMPLE
 
 from rollout_fast.reference import topk_gather_reference
 
@@ -59,10 +57,3 @@ class StandInStudent(torch.nn.Module):
         self.seen = tuple(x.shape[-2:])
         return torch.nn.functional.adaptive_avg_pool2d(x[:, :1], self.grid)[:, 0]
 
-
-@pytest.fixture
-def imagenet_sample():
-    if not (IMAGENET_SAMPLE / "labels.csv").is_file():
-        pytest.skip(f"real ImageNet sample not found at {IMAGENET_SAMPLE} (set ROLLOUT_FAST_SHARED to the shared/ "
-                    "folder holding data/imagenet-sample)")
-    return IMAGENET_SAMPLE

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from prune_testing import imagenet_sample  # noqa: F401 (a fixture)
 
 from rollout_fast.prune import prune_tokens
 
