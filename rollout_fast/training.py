@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["adamw", "autocast_for", "lr_lambda", "seed_everything"]
+__all__ = ["adamw", "autocast_for", "lr_lambda", "seed_everything", "sgd", "step_lr_lambda"]
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
@@ -42,12 +42,34 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def adamw(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float
-          ) -> torch.optim.AdamW:
-    """AdamW with ``weight_decay`` on weight matrices and kernels (``ndim > 1``) and none on biases, norms,
-    position embeddings and the class token (the usual ViT recipe)."""
+def decay_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: ``weight_decay`` on weight matrices and kernels (``ndim > 1``), none on
+    biases, norms, position embeddings and the class token (the usual ViT recipe)."""
     decay, no_decay = [], []
     for n, p in named_parameters:
         (decay if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+          ) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (:func:`decay_groups`)."""
+    return torch.optim.AdamW(decay_groups(named_parameters, weight_decay), lr=lr)
+
+
+def step_lr_lambda(warmup_steps: int, milestones: Iterable[int], gamma: float):
+    """Multiplier of the base learning rate at ``step``: linear warm-up over ``warmup_steps``, then
+    multiplied by ``gamma`` at each step in ``milestones`` (step decay, as Learn to Pay Attention's recipe)."""
+    marks = sorted(int(m) for m in milestones)
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return gamma ** sum(step >= m for m in marks)
+    return f
+
+
+def sgd(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+        momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD with momentum and weight decay on weight matrices only (:func:`decay_groups`)."""
+    return torch.optim.SGD(decay_groups(named_parameters, weight_decay), lr=lr, momentum=momentum)

@@ -172,3 +172,45 @@ def test_class_names_come_from_classes_txt(tiny_cifar, tmp_path):
     card = train_teacher(root, tmp_path / "run", replace(_cfg(1), class_names=None), device="cpu",
                          progress=False)
     assert card["class_names"][3] == "name 3" and card["wnids"][3] == "class3"
+
+
+def test_ltpa_classifier_trains_with_sgd_and_step_decay(tiny_cifar, tmp_path):
+    """The same trainer trains a Learn to Pay Attention model (tuple output) with SGD + step decay."""
+    from dataclasses import replace
+
+    from rollout_fast.teacher import RECIPES
+
+    cfg = replace(RECIPES["cifar10-ltpa"], epochs=2, batch_size=8, workers=0, step_epochs=(1,), warmup_epochs=0,
+                  arch=dict(RECIPES["cifar10-ltpa"].arch, width=1 / 16))
+    card = train_teacher(tiny_cifar, tmp_path / "ltpa", cfg, device="cpu", progress=False)
+    assert card["architecture"] == "rollout_fast.ltpa.AttnVGG" and card["arch"]["type"] == "attnvgg"
+    state = load_training_state(tmp_path / "ltpa" / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    rows = (tmp_path / "ltpa" / "log.csv").read_text().strip().splitlines()[1:]
+    assert [float(r.split(",")[4]) for r in rows] == pytest.approx([0.01, 0.01])  # x0.1 after epoch 1
+    assert 0.0 <= card["test_top1"] <= 1.0
+
+
+def test_step_schedule_multiplies_at_each_milestone():
+    from rollout_fast.training import step_lr_lambda
+
+    f = step_lr_lambda(2, [5, 8], 0.5)
+    assert [f(s) for s in range(10)] == [0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_config_field_was_added(tiny_cifar, tmp_path):
+    from dataclasses import asdict
+
+    from rollout_fast.checkpoint import save_training_state
+
+    run = tmp_path / "run"
+    train_teacher(tiny_cifar, run, _cfg(1), device="cpu", progress=False)
+    state = load_training_state(run / "last.pt")
+    old = {k: v for k, v in asdict(_cfg(1)).items() if k not in ("optimizer", "schedule")}
+    save_training_state(run / "last.pt", {**state, "config": old})
+    train_teacher(tiny_cifar, run, _cfg(1), device="cpu", progress=False, resume=True)  # defaults: fine
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="optimizer"):
+        train_teacher(tiny_cifar, run, replace(_cfg(1), optimizer="sgd"), device="cpu", progress=False,
+                      resume=True)
