@@ -1,8 +1,10 @@
-"""Atomic, safe checkpoint I/O shared by the training commands.
+"""Atomic, safe checkpoint I/O shared by the training commands, and the output-folder checks of every writer.
 
 Writes go to a temporary file in the target folder followed by ``os.replace``, so an interrupted
 write never leaves a truncated checkpoint. Reads never unpickle code: safetensors files, or
-``torch.load(..., weights_only=True)``.
+``torch.load(..., weights_only=True)``. :func:`check_output_dir` checks, before any compute, that an output
+folder can be written and holds no earlier outputs of the command (unless they are to be overwritten);
+:func:`remove_outputs` then removes those, so a folder always matches what the command last wrote.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import torch
 
 __all__ = [
     "atomic_write",
+    "check_output_dir",
+    "check_writable_dir",
     "load_training_state",
     "load_weights",
+    "remove_outputs",
     "save_training_state",
     "save_weights",
     "write_json",
@@ -38,6 +43,72 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "out") -> Path:
+    """Check that ``path`` is a writable folder, or can be created as one; creates nothing.
+
+    The nearest existing folder on the way to ``path`` gets a probe file (created and removed at once).
+
+    Raises:
+        NotADirectoryError: ``path`` or one of its parents is a file.
+        PermissionError: the folder (or the parent it would be created in) cannot be written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what}: {str(path)!r} is a file, not a folder")
+    anchor = path
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise NotADirectoryError(f"{what}: cannot create folder {str(path)!r}: {str(anchor)!r} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"{what}: cannot write in {str(anchor)!r} ({e.strerror or e})") from None
+    return path
+
+
+def check_output_dir(out: str | os.PathLike, outputs, *, overwrite: bool = False, what: str = "out",
+                     hint: str = "overwrite=True (--overwrite)") -> list[Path]:
+    """Check an output folder before any compute: writable (:func:`check_writable_dir`) and free of the
+    command's earlier outputs unless ``overwrite``. Creates and removes nothing.
+
+    Args:
+        out: the output folder.
+        outputs: the command's outputs, as glob patterns relative to ``out`` (e.g. ``"overlays/*.png"``).
+        overwrite: allow earlier outputs (remove them with :func:`remove_outputs` before writing).
+
+    Returns:
+        The earlier outputs found (empty when there are none), for :func:`remove_outputs`.
+
+    Raises:
+        NotADirectoryError / PermissionError: see :func:`check_writable_dir`.
+        FileExistsError: earlier outputs are present and ``overwrite`` is False (the message names them).
+    """
+    out = check_writable_dir(out, what)
+    earlier = sorted({p for pattern in outputs for p in out.glob(pattern) if p.is_file()}) if out.is_dir() else []
+    if earlier and not overwrite:
+        names = sorted({str(p.relative_to(out).parts[0]) for p in earlier})
+        raise FileExistsError(f"{what}: {str(out)!r} holds an earlier run ({', '.join(names)}); pass {hint} "
+                              "to replace it, or choose another folder")
+    return earlier
+
+
+def remove_outputs(out: str | os.PathLike, paths) -> None:
+    """Remove the earlier outputs ``paths`` that :func:`check_output_dir` found in ``out``, and the
+    sub-folders of ``out`` they leave empty (``out`` itself stays)."""
+    out = Path(out).resolve()
+    folders = set()
+    for p in paths:
+        p = Path(p)
+        p.unlink(missing_ok=True)
+        folders.add(p.parent.resolve())
+    for d in sorted(folders, key=lambda d: len(d.parts), reverse=True):
+        if d != out and out in d.parents and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

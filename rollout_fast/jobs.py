@@ -15,6 +15,7 @@ from .explain import AttentionRollout
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ROLLOUT_OUTPUTS",
     "RolloutJobResult",
     "class_names_of",
     "collect_images",
@@ -23,6 +24,8 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# what rollout_images writes, as glob patterns in its output folder (an earlier run's are refused or removed)
+ROLLOUT_OUTPUTS = ("rollout.npz", "grid.png", "overlays/[0-9][0-9][0-9][0-9][0-9]_*.png")
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -123,8 +126,10 @@ class _RolloutWriter:
     """Collects the maps of each batch, writes the overlays as it goes and ``rollout.npz`` + ``grid.png`` at
     the end (:meth:`finish`)."""
 
-    def __init__(self, out: Path, data_config: dict, names: list[str] | None, method: str, overlays: bool):
+    def __init__(self, out: Path, data_config: dict, names: list[str] | None, method: str, overlays: bool,
+                 earlier: Sequence[Path] = ()):
         self.result = RolloutJobResult(out)
+        self.earlier = list(earlier)  # an earlier run's outputs, removed before the first write
         self.data_config, self.names, self.method, self.overlays = data_config, names, method, overlays
         self.maps, self.classes, self.probs, self.targets, self.student_maps = [], [], [], [], []
         self.shown: list[tuple] = []
@@ -134,8 +139,12 @@ class _RolloutWriter:
 
     def add(self, x: torch.Tensor, files: Sequence, maps: torch.Tensor, logits: torch.Tensor,
             target: int | None, student_maps: torch.Tensor | None) -> None:
+        from .checkpoint import remove_outputs
         from .viz import denormalize, save_overlay
 
+        if self.earlier:
+            remove_outputs(self.result.out, self.earlier)
+            self.earlier = []
         p, c = logits.float().softmax(-1).max(-1)
         t = c if target is None else torch.full_like(c, target)
         maps_np = maps.cpu().numpy()
@@ -185,7 +194,7 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
                    data_config: dict, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
                    overlays: bool = True, method: str = "attention", target: int | None = None,
-                   student: torch.nn.Module | None = None) -> RolloutJobResult:
+                   student: torch.nn.Module | None = None, overwrite: bool = False) -> RolloutJobResult:
     """Attention rollout over image files; write overlays, ``rollout.npz`` and ``grid.png`` to ``out``.
 
     Each file is read with PIL (any size and mode, converted to RGB) and passed through timm's eval
@@ -199,6 +208,10 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     grid and input size are checked against the explainer's maps and input on the first batch, before
     anything is written.
 
+    ``out`` is checked before any image is read: it must be writable and hold no earlier run
+    (:data:`ROLLOUT_OUTPUTS`) unless ``overwrite``; then the earlier run's files are removed before the first
+    new one is written, so the folder always matches its ``rollout.npz``.
+
     Writes:
         ``out/overlays/NNNNN_<name>.png``: the model input with the rollout heatmap and a colour bar;
         ``out/rollout.npz``: ``maps`` float32 (num_images, gh, gw), ``files``, ``predicted_class``
@@ -211,15 +224,20 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
             outside the model's classes, a student of another grid or input size, or no file could be read
             (nothing is written then).
         TypeError: ``target`` not an int.
+        FileExistsError: ``out`` holds an earlier run and ``overwrite`` is False.
+        NotADirectoryError / PermissionError: ``out`` is a file, or cannot be written.
     """
     from timm.data import create_transform
 
+    from .checkpoint import check_output_dir
+
     _check_request(batch_size, method, target, model)
+    earlier = check_output_dir(out, ROLLOUT_OUTPUTS, overwrite=overwrite)
     device = torch.device(device)
     explainer = AttentionRollout(model, head_fusion=head_fusion, discard_ratio=discard_ratio)
     if student is not None:
         student = student.to(device).eval()
-    writer = _RolloutWriter(Path(out), data_config, class_names_of(model), method, overlays)
+    writer = _RolloutWriter(Path(out), data_config, class_names_of(model), method, overlays, earlier)
     batches = _batches(files, create_transform(**data_config), batch_size, writer.result.skipped, progress)
     for x, batch_files in batches:
         x = x.to(device)

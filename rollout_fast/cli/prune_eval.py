@@ -26,7 +26,9 @@ def register(subparsers) -> None:
                    help=f"comma-separated, from {', '.join(SCORERS)} (grad-rollout: a second oracle, "
                         "the model's gradient rollout for its predicted class)")
     p.add_argument("--keep", default="1.0,0.9,0.75,0.5,0.4,0.25,0.1", help="keep ratios in (0, 1]")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (checked before any compute)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (its results and plot are removed first)")
     p.add_argument("--seeds", type=int, default=3, help="random-scorer seeds averaged (0 .. n-1)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on this many images only")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch and the large throughput batch")
@@ -55,10 +57,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from ..checkpoint import check_output_dir
     from ..data import load_eval_data
     from ..prune import format_table, prune_eval, write_prune_eval
+    from ..prune.report import PRUNE_OUTPUTS
     from ..zoo import load_teacher
 
+    check_output_dir(args.out, PRUNE_OUTPUTS, overwrite=args.overwrite, hint="--overwrite")  # before any compute
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                         accuracy=not args.throughput_only)
     result["meta"].update(model=args.model, checkpoint=args.checkpoint, data=str(args.data),
                           student=opts["student_name"])
-    paths = write_prune_eval(result, args.out)
+    paths = write_prune_eval(result, args.out, overwrite=args.overwrite)
     print(format_table(result))
     print("written: " + ", ".join(str(p) for p in paths))
     return 0

@@ -23,17 +23,21 @@ def register(subparsers) -> None:
     r.add_argument("--student", nargs="?", const="auto", default=None, metavar="NAME_OR_PATH",
                    help="also draw a student's predicted map (default: the shipped student of --model)")
     r.add_argument("--no-overlays", action="store_true", help="write only rollout.npz and grid.png")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (its rollout.npz, grid.png and overlays are removed)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..jobs import collect_images, rollout_images
+    from ..checkpoint import check_output_dir
+    from ..jobs import ROLLOUT_OUTPUTS, collect_images, rollout_images
 
     if args.target is not None and args.method != "grad":
         print("rollout-fast rollout: --target CLASS is used only with --method grad", file=sys.stderr)
         return 2
     files = collect_images(args.inputs)
+    check_output_dir(args.out, ROLLOUT_OUTPUTS, overwrite=args.overwrite, hint="--overwrite")
     if not files:
         print("rollout-fast rollout: no image files found in the inputs", file=sys.stderr)
         return 1
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                              discard_ratio=args.discard_ratio, batch_size=args.batch_size,
                              device=device(args.device), progress=not args.no_progress,
                              overlays=not args.no_overlays, method=args.method, target=args.target,
-                             student=student)
+                             student=student, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
         print(f"rollout-fast rollout: {e}", file=sys.stderr)
         return 1

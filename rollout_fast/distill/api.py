@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_training_state, write_json
+from ..checkpoint import check_writable_dir, load_training_state, write_json
 from ..students import check_student_grid, create_student, save_student
 from ..training import seed_everything
 from .config import DistillConfig
@@ -47,6 +47,8 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
         FileNotFoundError: missing data folder, or ``resume`` without a checkpoint.
         FileExistsError: ``out`` already holds a checkpoint and ``resume`` is False (nothing is
             overwritten).
+        NotADirectoryError / PermissionError: ``out`` or ``cache_dir`` is a file or cannot be written
+            (checked before any compute).
         ValueError: bad config field (named), empty data folder, corrupt checkpoint or one written
             with another config, a batch size not divisible by the number of processes, a student whose
             output grid differs from the teacher's.
@@ -64,6 +66,8 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     if train_root == test_root:
         raise ValueError(f"data: {str(data)!r} must hold train/ and test/ ImageFolder splits")
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    check_writable_dir(out, "out")  # before any compute
+    check_writable_dir(cache, "cache_dir")
     targets = TeacherTargets(cfg, env, cache, progress)
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

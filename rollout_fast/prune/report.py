@@ -6,7 +6,12 @@ import csv
 import json
 from pathlib import Path
 
-__all__ = ["format_table", "plot_prune_eval", "write_prune_eval"]
+from ..checkpoint import check_output_dir, remove_outputs
+
+__all__ = ["PRUNE_OUTPUTS", "format_table", "plot_prune_eval", "write_prune_eval"]
+
+# what write_prune_eval writes in its folder (an earlier run's are refused, or removed with overwrite)
+PRUNE_OUTPUTS = ("results.csv", "throughput.csv", "results.json", "results.md", "prune_top1.png")
 
 
 def format_table(result: dict) -> str:
@@ -40,9 +45,18 @@ def _accuracy_table(result: dict) -> list[str]:
     return lines
 
 
-def write_prune_eval(result: dict, out) -> list:
-    """Write ``results.csv``, ``throughput.csv``, ``results.json``, ``results.md`` and ``prune_top1.png``."""
+def write_prune_eval(result: dict, out, *, overwrite: bool = False) -> list:
+    """Write ``results.csv``, ``throughput.csv``, ``results.json``, ``results.md`` and ``prune_top1.png``
+    (:data:`PRUNE_OUTPUTS`; the tables only when the result has rows) to ``out``.
+
+    With ``overwrite`` an earlier run's files are removed first, so the folder matches ``results.json``.
+
+    Raises:
+        FileExistsError: ``out`` holds an earlier run and ``overwrite`` is False (nothing is written).
+        NotADirectoryError / PermissionError: ``out`` is a file, or cannot be written.
+    """
     out = Path(out)
+    remove_outputs(out, check_output_dir(out, PRUNE_OUTPUTS, overwrite=overwrite))
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, table in (("results.csv", result["rows"]), ("throughput.csv", result["throughput"])):

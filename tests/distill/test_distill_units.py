@@ -35,3 +35,20 @@ def test_views_are_deterministic_and_view0_is_identity():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert a[0].abs().max() <= 4 and a[0].abs().max() > 0 and a[2].any()
     assert not torch.equal(a[0], view_params(3, 1, 100, 4, True)[0])
+
+
+def test_distill_checks_out_and_cache_dir_before_any_compute(tiny_cifar, tiny_teacher, tmp_path, monkeypatch):
+    from rollout_fast.distill import DistillConfig, api, distill
+
+    def fail(*a, **k):
+        raise AssertionError("the teacher was loaded before the output folders were checked")
+
+    monkeypatch.setattr(api, "TeacherTargets", fail)
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    cfg = DistillConfig(teacher=tiny_teacher)
+    with pytest.raises(NotADirectoryError, match="out: .*taken' is a file"):
+        distill(tiny_cifar, taken, cfg, device="cpu", progress=False)
+    with pytest.raises(NotADirectoryError, match="cache_dir: cannot create folder"):
+        distill(tiny_cifar, tmp_path / "o", cfg, device="cpu", cache_dir=taken / "cache", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -114,3 +114,38 @@ def test_evaluate_folder_on_a_tiny_image_folder(tiny_cifar):
     acc = evaluate_folder(_vit(), DATA_CONFIG, tiny_cifar / "test", batch_size=8, progress=False)
     assert 0.0 <= acc <= 1.0
     assert evaluate_folder(_vit(), DATA_CONFIG, tiny_cifar / "test", indices=[0], progress=False) in (0.0, 1.0)
+
+
+def test_rollout_images_refuses_an_earlier_run_and_overwrite_replaces_it(image_files, tmp_path):
+    """An earlier run is never replaced silently: refused without overwrite (nothing touched); with overwrite
+    the old npz, grid and overlays go first, so the folder matches the new rollout.npz; other files stay."""
+    out = tmp_path / "out"
+    first = rollout_images(image_files, out, _vit(), DATA_CONFIG, batch_size=2, progress=False)
+    (out / "notes.txt").write_text("mine")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(FileExistsError, match=r"out: .* holds an earlier run \(grid.png, overlays, rollout.npz\); "
+                                              r"pass overwrite=True \(--overwrite\)"):
+        rollout_images(image_files[:1], out, _vit(), DATA_CONFIG, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    res = rollout_images(image_files[:1], out, _vit(), DATA_CONFIG, progress=False, overwrite=True)
+    assert np.load(res.npz)["maps"].shape == (1, 8, 8)
+    assert sorted((out / "overlays").iterdir()) == res.overlays == [first.overlays[0]]
+    assert (out / "notes.txt").read_text() == "mine"
+    rollout_images(image_files[:2], out, _vit(), DATA_CONFIG, progress=False, overwrite=True, overlays=False)
+    assert not (out / "overlays").exists() and np.load(out / "rollout.npz")["maps"].shape == (2, 8, 8)
+
+
+def test_rollout_images_checks_the_output_folder_before_reading(image_files, tmp_path, monkeypatch):
+    from rollout_fast import jobs
+
+    def fail(*a, **k):
+        raise AssertionError("an image was read before the output folder was checked")
+
+    monkeypatch.setattr(jobs, "AttentionRollout", fail)
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="out: .*taken' is a file"):
+        rollout_images(image_files, a_file, _vit(), DATA_CONFIG, progress=False)
+    with pytest.raises(NotADirectoryError, match="cannot create folder"):
+        rollout_images(image_files, a_file / "sub", _vit(), DATA_CONFIG, progress=False)
+    assert a_file.read_text() == "x"

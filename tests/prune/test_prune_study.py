@@ -43,3 +43,26 @@ def test_shipped_pruning_student_selects_better_than_the_rollout_oracle(cifar10_
     assert top1[("student", 0.1)] > top1[("rollout", 0.1)] + 0.03
     assert top1[("student", 0.1)] > top1[("random", 0.1)] + 0.08
     assert top1[("student", 0.5)] >= res["meta"]["full_top1"] - 0.03
+
+
+def _result(rows: bool) -> dict:
+    row = {"scorer": "random", "keep_ratio": 0.5, "tokens_kept": 2, "num_patches": 4, "dropped_fraction": 0.5,
+           "top1": 0.5, "top1_std": 0.0, "seeds": 1, "images": 2}
+    tp = {"scorer": "full", "keep_ratio": 1.0, "batch": 1, "images_per_s": 10.0, "speedup": 1.0}
+    return {"rows": [row] if rows else [], "throughput": [tp], "meta": {"full_top1": 0.5, "images": 2}}
+
+
+def test_write_prune_eval_refuses_an_earlier_run_and_overwrite_removes_it(tmp_path):
+    from rollout_fast.prune import write_prune_eval
+
+    out = tmp_path / "out"
+    write_prune_eval(_result(rows=True), out)
+    assert (out / "prune_top1.png").is_file() and (out / "results.csv").is_file()
+    with pytest.raises(FileExistsError, match="holds an earlier run .*prune_top1.png"):
+        write_prune_eval(_result(rows=False), out)
+    assert (out / "results.csv").is_file()
+    paths = write_prune_eval(_result(rows=False), out, overwrite=True)  # a throughput-only run
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths) == [
+        "results.json", "results.md", "throughput.csv"]
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        write_prune_eval(_result(rows=True), out / "results.md")
