@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,7 +13,10 @@ import torch
 from ..checkpoint import atomic_write
 from ..metrics import shift_images
 
-__all__ = ["Normalizer", "fingerprint", "identity_params", "load_split_tensor", "placement_params", "view_params"]
+__all__ = ["Normalizer", "files_fingerprint", "fingerprint", "identity_params", "load_cache", "load_split_tensor",
+           "placement_params", "view_params"]
+
+CACHE_VERSION = 2  # bumped when what a cache file holds or how it is keyed changes
 
 
 def fingerprint(*parts) -> str:
@@ -24,12 +28,53 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
+def files_fingerprint(root: str | os.PathLike, samples) -> str:
+    """A SHA-1 key of the files of ``samples`` ((path, class index) pairs under ``root``): each one's path
+    relative to ``root``, class, size and modification time (ns), so a file replaced, edited in place, added,
+    removed or relabelled gives another key."""
+    root = Path(root)
+    h = hashlib.sha1()
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(f"{Path(path).relative_to(root).as_posix()}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def load_cache(path: Path | None, check):
+    """The object in the cache file ``path``, or None when there is none (the caller then rebuilds it).
+
+    A file that cannot be read (``torch.load(weights_only=True)``) or that ``check(obj)`` rejects (by raising)
+    is reported by a ``UserWarning`` naming it and treated as absent, so it is rebuilt and replaced.
+    """
+    if path is None or not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        check(obj)
+    except Exception as e:  # noqa: BLE001 -- torch raises OSError, KeyError, RuntimeError ... for a corrupt file
+        warnings.warn(f"cache: {str(path)!r} is corrupt or stale ({type(e).__name__}: {e}); rebuilding it",
+                      stacklevel=3)
+        return None
+    return obj
+
+
+def _check_split(obj, n: int, size: tuple[int, int], labels: list[int]) -> None:
+    if not isinstance(obj, dict) or set(obj) != {"images", "labels"}:
+        raise ValueError("not a decoded-split cache")
+    images, got = obj["images"], obj["labels"]
+    if images.dtype != torch.uint8 or tuple(images.shape) != (n, 3, *size) or got.tolist() != labels:
+        raise ValueError(f"images {tuple(images.shape)} {images.dtype}, expected {(n, 3, *size)} uint8 "
+                         "and the folder's labels")
+
+
 def load_split_tensor(root: str | os.PathLike, size: tuple[int, int], cache_dir: str | os.PathLike | None = None,
                       *, workers: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Decode an ImageFolder split once: ``(images uint8 (N, 3, H, W), labels int64 (N,), key)``.
 
     Images are resized (shorter side, bicubic) and centre-cropped to ``size`` = (H, W). With
-    ``cache_dir`` the tensors are cached there under a key of the folder, its file list and the size.
+    ``cache_dir`` the tensors are cached there (``images_<key>.pt``) under a key of the content: every
+    file's relative path, class, size and modification time (:func:`files_fingerprint`), the transform and
+    ``size``; a corrupt cache file is reported by name (``UserWarning``) and rebuilt.
 
     Raises:
         FileNotFoundError: missing folder. ValueError: a folder with no class folders or images.
@@ -43,10 +88,10 @@ def load_split_tensor(root: str | os.PathLike, size: tuple[int, int], cache_dir:
     tf = T.Compose([T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                     T.PILToTensor()])
     ds = image_folder(root, tf)
-    key = fingerprint(Path(root).resolve(), len(ds.samples), ds.samples[0][0], ds.samples[-1][0], size)
+    key = fingerprint(CACHE_VERSION, files_fingerprint(root, ds.samples), tf, tuple(size))
     path = Path(cache_dir) / f"images_{key}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_cache(path, lambda o: _check_split(o, len(ds), tuple(size), [y for _, y in ds.samples]))
+    if obj is not None:
         return obj["images"], obj["labels"], key
     images = torch.empty((len(ds), 3, *size), dtype=torch.uint8)
     labels = torch.empty(len(ds), dtype=torch.long)

@@ -1,8 +1,10 @@
 """Distillation targets: the frozen teacher's maps (attention rollout, or gradient rollout of its predicted
 class) of the same augmented images the student sees, computed per batch or cached on disk.
 
-Cache files (``maps_<key>.pt`` in the cache folder) are keyed by the teacher's weights, the rollout settings,
-the input size, the images and their augmentation, so runs with the same data and teacher share them.
+Cache files (``maps_<key>.pt`` in the cache folder) are keyed by the teacher's weights, its normalisation,
+the rollout settings, the input size, the images (by content: :func:`rollout_fast.distill.data.files_fingerprint`)
+and their augmentation, so runs with the same data and teacher share them and a changed input gives a new
+file; a corrupt one is reported by name and rebuilt.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from ..checkpoint import atomic_write
 from .config import DistillConfig
-from .data import Normalizer, fingerprint
+from .data import CACHE_VERSION, Normalizer, fingerprint, load_cache
 from .ddp import DistEnv
 
 __all__ = ["TeacherTargets"]
@@ -55,8 +57,9 @@ class TeacherTargets:
                                           discard_ratio=cfg.discard_ratio)
         self.maps = self.explainer if cfg.target == "rollout" else self.explainer.grad_rollout
         self.norm = Normalizer(self.data_config["mean"], self.data_config["std"], env.device)
-        self.key = fingerprint(_teacher_fingerprint(self.teacher), cfg.head_fusion, cfg.discard_ratio, H, W,
-                               *(() if cfg.target == "rollout" else (cfg.target,)))
+        self.key = fingerprint(CACHE_VERSION, _teacher_fingerprint(self.teacher), cfg.head_fusion,
+                               cfg.discard_ratio, H, W, tuple(self.data_config["mean"]),
+                               tuple(self.data_config["std"]), *(() if cfg.target == "rollout" else (cfg.target,)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.maps(x)
@@ -75,11 +78,20 @@ class TeacherTargets:
         return torch.cat(out)
 
     def cached(self, name: str, images: torch.Tensor, params, desc: str) -> torch.Tensor:
-        """:meth:`compute`, through the cache file ``maps_<name>.pt`` (rank 0 computes and writes it; every
+        """:meth:`compute`, through the cache file ``maps_<name>.pt`` (rank 0 computes and writes it, or
+        rebuilds it when it is corrupt or of another shape, with a ``UserWarning`` naming it; every other
         process then loads it)."""
         path = self.cache / f"maps_{name}.pt"
-        if self.env.rank == 0 and not path.is_file():
-            maps = self.compute(images, params, desc)
-            atomic_write(path, lambda tmp: torch.save(maps, tmp))
+        shape = (len(images), *self.grid)
+
+        def check(maps):
+            if not isinstance(maps, torch.Tensor) or tuple(maps.shape) != shape or maps.dtype != torch.float32:
+                raise ValueError(f"expected float32 maps of shape {shape}")
+
+        if self.env.rank == 0:
+            maps = load_cache(path, check)
+            if maps is None:
+                maps = self.compute(images, params, desc)
+                atomic_write(path, lambda tmp: torch.save(maps, tmp))
         self.env.barrier()
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return maps if self.env.rank == 0 else torch.load(path, map_location="cpu", weights_only=True)
