@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "UnsafeCheckpointError",
     "atomic_write",
     "check_output_dir",
     "check_writable_dir",
@@ -120,6 +123,42 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write(path, _w)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A torch file that holds pickled Python objects besides tensors, which ``weights_only`` loading refuses
+    (reading it would run code from the file)."""
+
+
+def _refusal(path: Path, what: str) -> UnsafeCheckpointError:
+    target = path.with_suffix(".safetensors")
+    return UnsafeCheckpointError(
+        f"{what}: {str(path)!r} is not a safe checkpoint: it holds pickled Python objects besides tensors, and "
+        "rollout_fast never runs code from a file. If you trust its source, convert it once to safetensors: "
+        "python -c \"import torch; from safetensors.torch import save_file; "
+        f"sd = torch.load('{path}', map_location='cpu', weights_only=False); "
+        "sd = sd.get('state_dict', sd.get('model', sd)); "
+        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{target}')\" and pass {str(target)!r}")
+
+
+def _torch_load(path: Path, what: str):
+    """``torch.load(path, weights_only=True)`` on the CPU.
+
+    Raises:
+        UnsafeCheckpointError: the file holds pickled objects that weights_only loading refuses.
+        ValueError: the file is corrupt or not a torch file.
+    """
+    try:
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise _refusal(path, what) from e
+        raise ValueError(f"{what}: {str(path)!r} is corrupt or not a torch file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"{what}: {str(path)!r} is corrupt or not a torch file ({type(e).__name__}: {e})") from e
+
+
 def save_training_state(path: str | os.PathLike, state: dict) -> Path:
     """Save a resumable training state (tensors, numbers, strings, nested dicts), atomically."""
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -130,16 +169,13 @@ def load_training_state(path: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        UnsafeCheckpointError (a ValueError): the file holds pickled objects ``weights_only`` refuses.
         ValueError: the file is corrupt or not a training state.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"resume: {str(path)!r} is corrupt or not a rollout_fast checkpoint "
-                         f"({type(e).__name__}: {e})") from e
+    state = _torch_load(path, "resume")
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise ValueError(f"resume: {str(path)!r} is not a rollout_fast training checkpoint")
     return state
@@ -161,19 +197,21 @@ def load_weights(path: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        UnsafeCheckpointError (a ValueError): a torch file with pickled objects ``weights_only`` refuses; the
+            message says how to convert a trusted one to safetensors.
         ValueError: unreadable file, or no state dict inside.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint: cannot read {str(path)!r} safely "
-                         f"({type(e).__name__}: {e})") from e
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ValueError(f"checkpoint: cannot read {str(path)!r} safely ({type(e).__name__}: {e})") from e
+    obj = _torch_load(path, "checkpoint")
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -19,8 +19,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import resolve_split
     from ..jobs import evaluate_folder
 
+    root = resolve_split(args.data, "test")  # a missing folder fails before the model loads
     model, data_config = load_model(args)
-    root = resolve_split(args.data, "test")
     acc = evaluate_folder(model, data_config, root, batch_size=args.batch_size,
                           device=device(args.device), progress=not args.no_progress)
     print(f"top-1 {acc:.4f} on {root}")

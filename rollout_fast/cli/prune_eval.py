@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 __all__ = ["register", "run"]
 
@@ -63,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from ..prune.report import PRUNE_OUTPUTS
     from ..zoo import load_teacher
 
-    check_output_dir(args.out, PRUNE_OUTPUTS, overwrite=args.overwrite, hint="--overwrite")  # before any compute
+    if not Path(args.data).is_dir():  # before any compute, like the output folder
+        raise FileNotFoundError(f"data: folder {str(args.data)!r} does not exist")
+    check_output_dir(args.out, PRUNE_OUTPUTS, overwrite=args.overwrite, hint="--overwrite")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
