@@ -18,7 +18,9 @@ __all__ = [
     "cifar_train_transform",
     "image_folder",
     "load_eval_data",
+    "load_image",
     "resolve_split",
+    "to_rgb8",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -27,6 +29,41 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
+
+
+def to_rgb8(im):
+    """A PIL image as 8-bit RGB: 16-bit and 32-bit integer images (modes ``I;16*``, ``I``) scaled from their
+    range to 8 bits (PIL's ``convert`` would clip them: a 16-bit PNG turns white), float images (``F``) from
+    [0, 1] or [0, 255]; other modes converted by PIL (palette, grey, alpha dropped, CMYK, 48-bit RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if im.mode.startswith("I;16") or (im.mode == "I" and 255 < top <= 65535):
+            scale = 255.0 / 65535.0
+        elif im.mode == "F" and top <= 1.0:
+            scale = 255.0
+        elif top > 255:  # an integer or float image beyond 16 bits: its own range
+            scale = 255.0 / top
+        else:
+            scale = 1.0
+        im = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), mode="L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_image(path: str | os.PathLike):
+    """Read an image file as an 8-bit RGB PIL image: EXIF orientation applied, high bit depths scaled
+    (:func:`to_rgb8`). The one decoder of the package's jobs and datasets.
+
+    Raises:
+        OSError (PIL.UnidentifiedImageError included) / ValueError: an unreadable or unsupported file.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return to_rgb8(ImageOps.exif_transpose(im))
 
 
 def resolve_split(root: str | os.PathLike, split: str) -> Path:
@@ -42,7 +79,8 @@ def resolve_split(root: str | os.PathLike, split: str) -> Path:
 
 
 def image_folder(root: str | os.PathLike, transform=None):
-    """``torchvision.datasets.ImageFolder`` over ``root`` (one sub-folder per class).
+    """``torchvision.datasets.ImageFolder`` over ``root`` (one sub-folder per class), images read by
+    :func:`load_image`.
 
     Raises:
         FileNotFoundError: ``root`` missing.
@@ -54,7 +92,7 @@ def image_folder(root: str | os.PathLike, transform=None):
     if not root.is_dir():
         raise FileNotFoundError(f"data: folder {str(root)!r} does not exist")
     try:
-        return ImageFolder(str(root), transform=transform)
+        return ImageFolder(str(root), transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
         raise ValueError(f"data: {str(root)!r} is not an ImageFolder tree with images ({e})") from e
 
@@ -72,7 +110,6 @@ def _labels_csv_dataset(root, transform):
     import csv
 
     import torch
-    from PIL import Image
 
     root = Path(root)
     rows = list(csv.DictReader((root / "labels.csv").open()))
@@ -85,8 +122,7 @@ def _labels_csv_dataset(root, transform):
             return len(rows)
 
         def __getitem__(self, i):
-            with Image.open(img_dir / rows[i]["filename"]) as im:
-                return transform(im.convert("RGB")), int(rows[i]["class_index"])
+            return transform(load_image(img_dir / rows[i]["filename"])), int(rows[i]["class_index"])
 
     return _DS()
 

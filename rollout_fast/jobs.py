@@ -76,10 +76,9 @@ class RolloutJobResult:
 
 
 def _load_rgb(path: Path):
-    from PIL import Image
+    from .data import load_image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return load_image(path)
 
 
 def _check_request(batch_size: int, method: str, target, model: torch.nn.Module) -> None:
@@ -197,7 +196,8 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
                    student: torch.nn.Module | None = None, overwrite: bool = False) -> RolloutJobResult:
     """Attention rollout over image files; write overlays, ``rollout.npz`` and ``grid.png`` to ``out``.
 
-    Each file is read with PIL (any size and mode, converted to RGB) and passed through timm's eval
+    Each file is read with :func:`rollout_fast.data.load_image` (any size and mode, EXIF orientation
+    applied, 16-bit and other high bit depths scaled to 8 bits, converted to RGB) and passed through timm's eval
     transform for ``data_config`` (``timm.data.create_transform``). Unreadable files are skipped with a
     warning naming them.
 
