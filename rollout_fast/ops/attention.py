@@ -1,14 +1,15 @@
 """Attention that also returns its head-fused probability matrix, without keeping per-head probabilities.
 
 For rollout, a block's attention is needed only head-fused (section 1 of REFERENCE.md, step 1):
-``F[b] = mean | max | min over heads h of softmax(q[b, h] k[b, h]^T * scale)``, shape (B, Nq, Nk),
-H times smaller than the per-head attention. :func:`fused_attention` computes the attention output
-``O = softmax(q k^T * scale) v`` (what ``F.scaled_dot_product_attention`` returns) together with F
+``F[b] = mean | max | min over heads h of softmax(q[b, h] k[b, h]^T * scale + mask[b, h])``, shape
+(B, Nq, Nk), H times smaller than the per-head attention; ``mask`` is SDPA's optional ``attn_mask`` (a
+relative-position bias, a padding mask) in additive form. :func:`fused_attention` computes the attention
+output ``O = softmax(q k^T * scale + mask) v`` (what ``F.scaled_dot_product_attention`` returns) with F
 (specification: :func:`rollout_fast.reference.fused_attention_reference`), so the capture in
 :mod:`rollout_fast.capture` can stand in for SDPA and rollout costs about one forward pass.
 
 The registered op ``torch.ops.rollout_fast.fused_attention(q, k, v, fused, scale, head_fusion,
-chunk_bytes) -> out`` writes F into ``fused`` (so the capture fills one preallocated (L, B, 1, N, N)
+chunk_bytes, mask=None) -> out`` (``mask``: float32 additive, (B, H, Nq, Nk) or a broadcast view of it) writes F into ``fused`` (so the capture fills one preallocated (L, B, 1, N, N)
 buffer) and returns O. torch.compile and ``torch.library.opcheck`` see it like any op (fake kernel:
 :mod:`rollout_fast.ops.meta`). Its kernels, also the backends "triton" and "chunked" of the op
 "fused_attention" in :mod:`rollout_fast.ops.registry`:
@@ -30,13 +31,14 @@ import math
 import torch
 
 from ..reference import HEAD_FUSIONS
-from ..reference.attention import attention_probs, fuse_probs
+from ..reference.attention import additive_mask, attention_probs, fuse_probs
 from . import meta, registry
 from .registry import Backend
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "IMPLS",
+    "check_mask",
     "check_qkv",
     "fused_attention",
     "fused_attention_chunked",
@@ -87,6 +89,32 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_fusion: st
     return float(scale)
 
 
+def check_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """SDPA's ``attn_mask`` validated and made float32 additive, expanded to (B, H, Nq, Nk) (a view where it
+    broadcasts); None stays None.
+
+    Raises:
+        TypeError: not a tensor, or neither bool nor floating point.
+        ValueError: not broadcastable to (B, H, Nq, Nk), or on another device than q.
+    """
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask: expected a bool or floating-point tensor, got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask: on {attn_mask.device}, q on {q.device}")
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Nq, Nk) = {shape}")
+    return additive_mask(attn_mask, shape)
+
+
 def _fused_buffer(q: torch.Tensor, k: torch.Tensor, fused_out: torch.Tensor | None) -> torch.Tensor:
     shape = (q.shape[0], q.shape[2], k.shape[2])
     if fused_out is None:
@@ -109,13 +137,14 @@ def _chunk(B: int, per_sample_bytes: int, chunk_bytes: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- "chunked" kernel
-def _probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    return attention_probs(q, k, scale)
+def _probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return attention_probs(q, k, scale, mask)
 
 
 def _chunked_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: torch.Tensor, scale: float,
-                  head_fusion: str, chunk_bytes: int) -> torch.Tensor:
-    """The op's PyTorch kernel (arguments already validated): F into ``fused``, O returned."""
+                  head_fusion: str, chunk_bytes: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's PyTorch kernel (arguments already validated; ``mask`` float32 additive, broadcastable to
+    (B, H, Nq, Nk)): F into ``fused``, O returned."""
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     step = _chunk(B, H * Nq * Nk * 4, chunk_bytes)
@@ -124,12 +153,16 @@ def _chunked_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: torc
     store = torch.empty((B, Nq, H, v.shape[-1]), dtype=q.dtype, device=q.device)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
-        probs = _probs(q[b0:b1], k[b0:b1], scale)
+        probs = _probs(q[b0:b1], k[b0:b1], scale, None if mask is None else _rows(mask, q, k)[b0:b1])
         fuse_probs(probs, head_fusion, out=fused[b0:b1])
         vc = v[b0:b1]
         o = torch.matmul(probs if vc.dtype == torch.float32 else probs.to(vc.dtype), vc)
         store[b0:b1].copy_(o.transpose(1, 2))
     return store.transpose(1, 2)
+
+
+def _rows(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
 # ---------------------------------------------------------------------------------- the registered op
@@ -156,16 +189,16 @@ def _triton():
     return ta
 
 
-def _run_triton(q, k, v, fused, scale, head_fusion, chunk_bytes, block_m=None, block_n=None):
+def _run_triton(q, k, v, fused, scale, head_fusion, chunk_bytes, mask=None, block_m=None, block_n=None):
     if _OP_IS_TRITON and q.device.type == "cuda" and block_m is None and block_n is None:
-        return torch.ops.rollout_fast.fused_attention(q, k, v, fused, scale, head_fusion, chunk_bytes)
-    return _triton().launch(q, k, v, fused, scale, head_fusion, block_m, block_n)
+        return torch.ops.rollout_fast.fused_attention(q, k, v, fused, scale, head_fusion, chunk_bytes, mask)
+    return _triton().launch(q, k, v, fused, scale, head_fusion, block_m, block_n, mask=mask)
 
 
-def _run_chunked(q, k, v, fused, scale, head_fusion, chunk_bytes):
+def _run_chunked(q, k, v, fused, scale, head_fusion, chunk_bytes, mask=None):
     if q.device.type == "cpu" or not _OP_IS_TRITON:  # the op's kernel there is the chunked one
-        return torch.ops.rollout_fast.fused_attention(q, k, v, fused, scale, head_fusion, chunk_bytes)
-    return _chunked_into(q, k, v, fused, scale, head_fusion, chunk_bytes)
+        return torch.ops.rollout_fast.fused_attention(q, k, v, fused, scale, head_fusion, chunk_bytes, mask)
+    return _chunked_into(q, k, v, fused, scale, head_fusion, chunk_bytes, mask)
 
 
 registry.register(_OP, "triton", Backend(registry.triton_usable, registry.triton_usable, _run_triton))
@@ -188,7 +221,8 @@ def resolve_impl(impl: str, device: torch.device | str) -> str | None:
 
 def fused_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                             head_fusion: str = "mean", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                            fused_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            fused_out: torch.Tensor | None = None,
+                            attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and head-fused attention in PyTorch, over chunks of the batch.
 
     Args:
@@ -200,26 +234,31 @@ def fused_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
             sample's ``H * Nq * Nk * 4`` bytes).
         fused_out: optional contiguous float32 (B, Nq, Nk) tensor to write ``fused`` into (e.g. one layer
             of a preallocated (L, B, 1, N, N) buffer), returned as ``fused``.
+        attn_mask: None, or SDPA's ``attn_mask``: bool (True = take part) or float (added to the scaled
+            logits, e.g. a relative-position bias), broadcastable to (B, H, Nq, Nk).
 
     Returns:
         ``(out, fused)``: ``out`` (B, H, Nq, Dv) in q's dtype (memory laid out as (B, Nq, H, Dv)),
-        equal to ``F.scaled_dot_product_attention(q, k, v, scale=scale)`` within the dtype's
-        tolerance; ``fused`` float32 (B, Nq, Nk), rows sum to 1 for 'mean'.
+        equal to ``F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)`` within the
+        dtype's tolerance; ``fused`` float32 (B, Nq, Nk), rows sum to 1 for 'mean'.
 
     Raises:
-        TypeError, ValueError: see :func:`check_qkv`; a bad ``chunk_bytes`` or ``fused_out``.
+        TypeError, ValueError: see :func:`check_qkv` and :func:`check_mask`; a bad ``chunk_bytes`` or
+            ``fused_out``.
     """
     return fused_attention(q, k, v, scale=scale, head_fusion=head_fusion, impl="chunked",
-                           chunk_bytes=chunk_bytes, fused_out=fused_out)
+                           chunk_bytes=chunk_bytes, fused_out=fused_out, attn_mask=attn_mask)
 
 
 def fused_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                            head_fusion: str = "mean", block_m: int | None = None, block_n: int | None = None,
-                           fused_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           fused_out: torch.Tensor | None = None,
+                           attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and head-fused attention in one Triton kernel (per-head probabilities stay in
     registers).
 
-    Args: as :func:`fused_attention_chunked` (``fused_out`` too); ``block_m``/``block_n`` override the
+    Args: as :func:`fused_attention_chunked` (``fused_out``, ``attn_mask`` too: the mask is one load and add
+    per tile); ``block_m``/``block_n`` override the
     tile sizes (``block_n`` given forces the two-pass schedule; powers of two >= 16).
 
     Returns:
@@ -233,17 +272,19 @@ def fused_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if blk is not None and (not isinstance(blk, int) or blk < 16 or blk & (blk - 1)):
             raise ValueError(f"{name}: expected a power of two >= 16, got {blk!r}")
     return fused_attention(q, k, v, scale=scale, head_fusion=head_fusion, impl="triton", fused_out=fused_out,
-                           _blocks=(block_m, block_n))
+                           attn_mask=attn_mask, _blocks=(block_m, block_n))
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                     head_fusion: str = "mean", impl: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                    fused_out: torch.Tensor | None = None, _blocks=(None, None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(softmax(q k^T * scale) v, head-fused softmax(q k^T * scale))``: the best kernel for the device.
+                    fused_out: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                    _blocks=(None, None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(q k^T * scale + mask) v, head-fused softmax(q k^T * scale + mask))``: the best kernel for
+    the device.
 
     ``impl``: 'auto' (Triton on CUDA when available, else chunked PyTorch), 'triton' or 'chunked'.
-    Shapes, dtypes, results, ``chunk_bytes`` (chunked kernel only), ``fused_out`` and errors as
-    :func:`fused_attention_chunked`; 'triton' where the kernel cannot run raises ValueError.
+    Shapes, dtypes, results, ``chunk_bytes`` (chunked kernel only), ``fused_out``, ``attn_mask`` and errors
+    as :func:`fused_attention_chunked`; 'triton' where the kernel cannot run raises ValueError.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl: expected 'auto', 'triton' or 'chunked', got {impl!r}")
@@ -254,29 +295,33 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         raise ValueError(f"q: the Triton kernel does not run on {q.device.type} tensors here (CUDA, or the "
                          "CPU with TRITON_INTERPRET=1 set before first use)")
     fused = _fused_buffer(q, k, fused_out)
+    mask = check_mask(attn_mask, q, k)
     if name == "triton":
-        out = _run_triton(q, k, v, fused, scale, head_fusion, chunk_bytes, *_blocks)
+        out = _run_triton(q, k, v, fused, scale, head_fusion, chunk_bytes, mask, *_blocks)
     else:
-        out = _run_chunked(q, k, v, fused, scale, head_fusion, chunk_bytes)
+        out = _run_chunked(q, k, v, fused, scale, head_fusion, chunk_bytes, mask)
     return out, fused
 
 
 def fused_probs_chunked(q: torch.Tensor, k: torch.Tensor, *, scale: float, head_fusion: str | None = "mean",
                         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                        fused_out: torch.Tensor | None = None) -> torch.Tensor:
-    """``softmax(q k^T * scale)`` in float32, head-fused over chunks of the batch.
+                        fused_out: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask)`` in float32, head-fused over chunks of the batch (``attn_mask``:
+    None or SDPA's, see :func:`check_mask`).
 
     q (B, H, Nq, D), k (B, H, Nk, D) -> float32 (B, 1, Nq, Nk) (written into ``fused_out`` (B, Nq, Nk) when
     given), or (B, H, Nq, Nk) when ``head_fusion`` is None (then nothing is saved by chunking). Used where
     SDPA runs anyway and only q, k are seen.
     """
+    mask = check_mask(attn_mask, q, k)
     if head_fusion is None:
-        return _probs(q, k, scale)
+        return _probs(q, k, scale, mask)
     _check_chunk_bytes(chunk_bytes)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     step = _chunk(B, H * Nq * Nk * 4, chunk_bytes)
     fused = _fused_buffer(q, k, fused_out)
     for b0 in range(0, B, step):
-        fuse_probs(_probs(q[b0:b0 + step], k[b0:b0 + step], scale), head_fusion, out=fused[b0:b0 + step])
+        m = None if mask is None else mask[b0:b0 + step]
+        fuse_probs(_probs(q[b0:b0 + step], k[b0:b0 + step], scale, m), head_fusion, out=fused[b0:b0 + step])
     return fused.unsqueeze(1)

@@ -75,7 +75,7 @@ def _scatter_back(grad_kept: torch.Tensor, idx: torch.Tensor, shape, P: int) -> 
 
 
 # ---------------------------------------------------------------------------------- fused attention
-def _fused_attention_fake(q, k, v, fused, scale, head_fusion, chunk_bytes):
+def _fused_attention_fake(q, k, v, fused, scale, head_fusion, chunk_bytes, mask=None):
     B, H, Nq, _ = q.shape
     return q.new_empty((B, Nq, H, v.shape[-1])).transpose(1, 2)  # (B, Nq, H, Dv) memory, as the kernels
 

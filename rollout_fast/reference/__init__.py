@@ -10,7 +10,7 @@ the package.
 
 from __future__ import annotations
 
-from .attention import attention_probs, fuse_probs, fused_attention_reference
+from .attention import additive_mask, attention_probs, fuse_probs, fused_attention_reference
 from .gather import score_keys, topk_gather_reference
 from .rollout import (
     HEAD_FUSIONS,
@@ -36,6 +36,7 @@ __all__ = [
     "NORMALIZATIONS",
     "READOUTS",
     "RolloutArgs",
+    "additive_mask",
     "all_finite",
     "attention_probs",
     "attention_rollout",

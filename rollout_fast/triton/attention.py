@@ -1,8 +1,10 @@
 """Triton kernel of the fused attention (output + head-fused probabilities) and the op that launches it.
 
-``torch.ops.rollout_fast.fused_attention(q, k, v, fused, scale, head_fusion, chunk_bytes) -> out``
+``torch.ops.rollout_fast.fused_attention(q, k, v, fused, scale, head_fusion, chunk_bytes, mask=None) -> out``
 (:mod:`rollout_fast.ops.attention`; semantics: :mod:`rollout_fast.reference.attention`): q (B, H, Nq, D),
-k (B, H, Nk, D), v (B, H, Nk, Dv) float16|bfloat16|float32; writes the head-fused float32 (B, Nq, Nk) into
+k (B, H, Nk, D), v (B, H, Nk, Dv) float16|bfloat16|float32, ``mask`` None or a float32 additive mask
+broadcastable to (B, H, Nq, Nk) (read through its strides, 0 where it broadcasts: one load and one add per
+tile, scaled by log2(e) as the logits are); writes the head-fused float32 (B, Nq, Nk) into
 ``fused`` and returns ``out`` (B, H, Nq, Dv) in q's dtype, laid out as (B, Nq, H, Dv) in memory.
 
 The kernel is flash-attention style. A program owns one block of query rows of one sample and loops over
@@ -33,15 +35,17 @@ _ONE_PASS_MAX_N = 256  # keys per row held in one tile
 
 
 @triton.jit
-def _fused_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, f_ptr, H, NQ, NK, D, DV, qk_scale, inv_h,
+def _fused_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, f_ptr, m_ptr, H, NQ, NK, D, DV, qk_scale, inv_h,
                             s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-                            FUSION: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            s_mb, s_mh, s_mq, s_mk,
+                            FUSION: tl.constexpr, ONE_PASS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                             PRECISION: tl.constexpr):
     """O[b, h, rows] for every head h and F[b, rows, :] = fusion over h of P[b, h, rows, :].
 
     Grid (cdiv(NQ, BLOCK_M), B). ``qk_scale`` = scale * log2(e) (softmax via exp2); q, k, v, O have unit
     stride in their last dimension; F is a contiguous float32 (B, NQ, NK). FUSION 0 mean, 1 max, 2 min.
+    HAS_MASK: the float32 additive mask at ``m_ptr`` (strides s_m*) is added to the scaled logits.
     """
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,6 +58,7 @@ def _fused_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, f_ptr, H, NQ, NK, D, DV,
     o_rows = o_ptr + b * s_ob + rows[:, None] * s_on + dv[None, :]
     o_mask = rmask[:, None] & (dv[None, :] < DV)
     f_rows = f_ptr + b * NQ * NK + rows[:, None].to(tl.int64) * NK
+    m_rows = m_ptr + b * s_mb + rows[:, None].to(tl.int64) * s_mq
     if ONE_PASS:  # every key of a row in one tile: exact softmax per head, F in registers
         cmask = cols0 < NK
         k_cols = k_ptr + b * s_kb + cols0[:, None] * s_kn + d[None, :]
@@ -68,6 +73,9 @@ def _fused_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, f_ptr, H, NQ, NK, D, DV,
             q = tl.load(q_rows + h * s_qh, mask=q_mask, other=0.0)
             kt = tl.load(k_cols + h * s_kh, mask=k_mask, other=0.0)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
+            if HAS_MASK:
+                s += tl.load(m_rows + h * s_mh + cols0[None, :] * s_mk, mask=rmask[:, None] & cmask[None, :],
+                             other=0.0) * 1.4426950408889634
             s = tl.where(cmask[None, :], s, float("-inf"))
             p = tl.exp2(s - tl.max(s, axis=1)[:, None])
             p = p / tl.sum(p, axis=1)[:, None]
@@ -102,6 +110,9 @@ def _fused_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, f_ptr, H, NQ, NK, D, DV,
                 kt = tl.load(k_ptr + b * s_kb + h * s_kh + cols[:, None] * s_kn + d[None, :],
                              mask=cmask[:, None] & (d[None, :] < D), other=0.0)
                 s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
+                if HAS_MASK:
+                    s += tl.load(m_rows + h * s_mh + cols[None, :] * s_mk, mask=rmask[:, None] & cmask[None, :],
+                                 other=0.0) * 1.4426950408889634
                 s = tl.where(cmask[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -114,6 +125,9 @@ def _fused_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, f_ptr, H, NQ, NK, D, DV,
                 kt = tl.load(k_ptr + b * s_kb + h * s_kh + cols[:, None] * s_kn + d[None, :],
                              mask=cmask[:, None] & (d[None, :] < D), other=0.0)
                 s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
+                if HAS_MASK:
+                    s += tl.load(m_rows + h * s_mh + cols[None, :] * s_mk, mask=rmask[:, None] & cmask[None, :],
+                                 other=0.0) * 1.4426950408889634
                 s = tl.where(cmask[None, :], s, float("-inf"))
                 p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
                 vt = tl.load(v_ptr + b * s_vb + h * s_vh + cols[:, None] * s_vn + dv[None, :],
@@ -137,10 +151,11 @@ INTERPRETED = not isinstance(_fused_attention_kernel, JITFunction)
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: torch.Tensor, scale: float, head_fusion: str,
-           block_m=None, block_n=None) -> torch.Tensor:
+           block_m=None, block_n=None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernel: ``fused`` (contiguous float32 (B, Nq, Nk)) <- head-fused probabilities; returns O
-    (B, H, Nq, Dv) in q's dtype, (B, Nq, H, Dv) in memory. ``block_n`` given forces the two-pass schedule.
-    Arguments are not validated (:mod:`rollout_fast.ops.attention` does that)."""
+    (B, H, Nq, Dv) in q's dtype, (B, Nq, H, Dv) in memory. ``block_n`` given forces the two-pass schedule;
+    ``mask`` float32 additive, broadcastable to (B, H, Nq, Nk). Arguments are not validated
+    (:mod:`rollout_fast.ops.attention` does that)."""
     dtype = q.dtype
     if INTERPRETED and dtype == torch.bfloat16:  # the interpreter has no bfloat16
         q, k, v = q.float(), k.float(), v.float()
@@ -156,11 +171,17 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: torch.Tenso
         block_n = block_n or 64
         block_m = block_m or 64
     grid = (triton.cdiv(NQ, block_m), B)
+    if mask is not None:
+        mask = mask.float().expand(B, H, NQ, NK)
+        m_strides = mask.stride()
+    else:
+        mask, m_strides = fused, (0, 0, 0, 0)  # never read (HAS_MASK=False)
     kernel = _fused_attention_kernel if INTERPRETED else wrap_triton(_fused_attention_kernel)
-    kernel[grid](q, k, v, out, fused, H, NQ, NK, D, DV, scale * math.log2(math.e), 1.0 / H,
+    kernel[grid](q, k, v, out, fused, mask, H, NQ, NK, D, DV, scale * math.log2(math.e), 1.0 / H,
                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                  v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                 FUSION=_FUSION_CODES[head_fusion], ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_N=block_n,
+                 *m_strides, FUSION=_FUSION_CODES[head_fusion], ONE_PASS=one_pass,
+                 HAS_MASK=mask is not fused, BLOCK_M=block_m, BLOCK_N=block_n,
                  BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     if out.dtype != dtype:
@@ -172,9 +193,9 @@ def define_op(fallback):
     """Define ``rollout_fast::fused_attention`` as a ``triton_op``: the kernel on CUDA tensors, ``fallback``
     (same signature, plain PyTorch, so torch can trace it) on any other device."""
     def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: torch.Tensor, scale: float,
-             head_fusion: str, chunk_bytes: int) -> torch.Tensor:
+             head_fusion: str, chunk_bytes: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         if q.device.type == "cuda":
-            return launch(q, k, v, fused, scale, head_fusion)
-        return fallback(q, k, v, fused, scale, head_fusion, chunk_bytes)
+            return launch(q, k, v, fused, scale, head_fusion, mask=mask)
+        return fallback(q, k, v, fused, scale, head_fusion, chunk_bytes, mask)
 
     return torch.library.triton_op("rollout_fast::fused_attention", impl, mutates_args=("fused",))

@@ -58,7 +58,7 @@ def test_chunked_never_holds_the_whole_batch_of_heads(monkeypatch):
     """The per-head float32 probabilities exist for one chunk of the batch at a time."""
     seen = []
     real = fa._probs
-    monkeypatch.setattr(fa, "_probs", lambda q, k, s: seen.append(q.shape[0]) or real(q, k, s))
+    monkeypatch.setattr(fa, "_probs", lambda q, k, s, m=None: seen.append(q.shape[0]) or real(q, k, s, m))
     q, k, v = make_qkv(8, 3, 17, 8)
     per_sample = 3 * 17 * 17 * 4
     out, fused = fa.fused_attention_chunked(q, k, v, chunk_bytes=3 * per_sample)
@@ -144,20 +144,25 @@ assert not ta.INTERPRETED
 c = "constexpr"
 def signature(dtype, stride):
     sig = dict(q_ptr="*" + dtype, k_ptr="*" + dtype, v_ptr="*" + dtype, o_ptr="*" + dtype, f_ptr="*fp32",
-               H="i32", NQ="i32", NK="i32", D="i32", DV="i32", qk_scale="fp32", inv_h="fp32")
+               m_ptr="*fp32", H="i32", NQ="i32", NK="i32", D="i32", DV="i32", qk_scale="fp32", inv_h="fp32")
     sig.update({n: stride for n in ("s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn",
-                                    "s_ob", "s_oh", "s_on")})
-    sig.update(FUSION=c, ONE_PASS=c, BLOCK_M=c, BLOCK_N=c, BLOCK_D=c, BLOCK_DV=c, PRECISION=c)
+                                    "s_ob", "s_oh", "s_on", "s_mb", "s_mh", "s_mq", "s_mk")})
+    sig.update(FUSION=c, ONE_PASS=c, HAS_MASK=c, BLOCK_M=c, BLOCK_N=c, BLOCK_D=c, BLOCK_DV=c, PRECISION=c)
     return sig
-variants = [  # DeiT-S at 224 px (N 197, one pass) in bf16; N > 256 (two passes); float32 with exact dots
-    ("bf16", "i32", dict(FUSION=0, ONE_PASS=True, BLOCK_M=16, BLOCK_N=256, BLOCK_D=64, BLOCK_DV=64,
-                         PRECISION="tf32")),
-    ("fp16", "i64", dict(FUSION=1, ONE_PASS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=64,
-                         PRECISION="tf32")),
-    ("fp32", "i32", dict(FUSION=2, ONE_PASS=True, BLOCK_M=32, BLOCK_N=128, BLOCK_D=16, BLOCK_DV=16,
-                         PRECISION="ieee")),
-    ("bf16", "i32", dict(FUSION=2, ONE_PASS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128,
-                         PRECISION="tf32")),
+variants = [  # DeiT-S at 224 px (N 197, one pass) in bf16; N > 256 (two passes); float32 with exact dots;
+    # with an additive mask (relative-position bias) in both schedules
+    ("bf16", "i32", dict(FUSION=0, ONE_PASS=True, HAS_MASK=False, BLOCK_M=16, BLOCK_N=256, BLOCK_D=64,
+                         BLOCK_DV=64, PRECISION="tf32")),
+    ("fp16", "i64", dict(FUSION=1, ONE_PASS=False, HAS_MASK=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64,
+                         BLOCK_DV=64, PRECISION="tf32")),
+    ("fp32", "i32", dict(FUSION=2, ONE_PASS=True, HAS_MASK=False, BLOCK_M=32, BLOCK_N=128, BLOCK_D=16,
+                         BLOCK_DV=16, PRECISION="ieee")),
+    ("bf16", "i32", dict(FUSION=2, ONE_PASS=False, HAS_MASK=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
+                         BLOCK_DV=128, PRECISION="tf32")),
+    ("bf16", "i32", dict(FUSION=0, ONE_PASS=True, HAS_MASK=True, BLOCK_M=16, BLOCK_N=256, BLOCK_D=64,
+                         BLOCK_DV=64, PRECISION="tf32")),
+    ("fp16", "i64", dict(FUSION=0, ONE_PASS=False, HAS_MASK=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64,
+                         BLOCK_DV=64, PRECISION="tf32")),
 ]
 for arch in map(int, sys.argv[1:]):
     for dtype, stride, constexprs in variants:
