@@ -58,8 +58,14 @@ class AttentionRollout:
     The model is not changed: temporary hooks only, run in eval mode, every module's train/eval flag
     restored; outputs, modules, hooks and parameters (and their ``.grad``) are as before.
 
+    Threads: one model (and one explainer) may be used from several threads at once; every call is correct
+    and the model is left exactly as it was, because calls on one model are serialised (a lock per attention
+    module, held for the forward pass); other threads' plain forwards of the model are not tapped.
+
     Args:
-        model: timm ``VisionTransformer`` (vit_*, deit_*, register, q/k-norm, LayerScale models).
+        model: a timm ViT-family model: ``VisionTransformer`` (vit_*, deit_*, register, q/k-norm,
+            LayerScale, GAP models), relative-position ViTs (vit_relpos_*) and BEiT (their bias is in the
+            captured softmax), EVA/EVA02 and RoPE ViTs (q, k after the rotation).
         head_fusion: 'mean' | 'max' | 'min' over heads.
         discard_ratio: fraction in [0, 1) of each fused attention matrix to discard per image.
         readout: 'cls' | 'mean' | None (None: 'cls' if the model has a class token, else 'mean').

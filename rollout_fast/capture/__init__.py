@@ -13,15 +13,22 @@ train/eval flag restored) before returning, and timm's own ``Attention.forward``
   returns the attention output *and* the head-fused (B, N, N) probabilities in one pass (a Triton kernel
   on CUDA; batch-chunked PyTorch elsewhere; :mod:`rollout_fast.ops` decides which). Per-head
   probabilities are never stored; the model's output equals its SDPA output within the dtype's tolerance.
-- ``'qk-hooks'`` (the foundation path, and the per-layer fallback of the fast paths when a block's SDPA
-  call cannot be answered, e.g. ``fused_attn=False`` or an unusual call): forward hooks on
-  ``attn.q_norm`` / ``attn.k_norm`` (``nn.Identity`` without q/k norm, called by every timm
-  ``Attention.forward`` right before SDPA) see the exact q and k, and ``softmax(q k^T * scale)`` is rebuilt
-  from them in float32 and head-fused at once, chunk by chunk; SDPA itself runs as usual.
+- ``'qk-hooks'`` (``capture='qk-hooks'``, per-head attention with ``head_fusion=None``, and the per-layer
+  fallback of the fused paths when a block's q, k, v cannot go to the fused op, e.g. float64): SDPA runs as
+  usual and ``softmax(q k^T * scale + mask)`` is rebuilt in float32 from the q, k, ``attn_mask`` and scale
+  of the SDPA call itself, so rotary embeddings (EVA, RoPE ViTs) and relative-position biases (relpos
+  ViTs, BEiT) are included exactly; head-fused at once, chunk by chunk.
+- ``'attn-drop'`` (blocks running timm's explicit path, ``fused_attn=False``): the model's own
+  probabilities are read at ``attn_drop`` (checked to be rows of probabilities) and fused.
+- An SDPA call the capture cannot reproduce exactly (causal, dropout, grouped-query, not self-attention)
+  raises ``UnsupportedModelError`` saying why: no path returns a map from attention the model did not compute.
 - gradients (:func:`capture_attention_grad`, REFERENCE.md section 2): the intercepted SDPA call is answered
-  with the explicit ``softmax(q k^T * scale) @ v`` in float32, so the probabilities ``A_l`` are tensors
+  with the explicit ``softmax(q k^T * scale + mask) @ v`` in float32, so the probabilities ``A_l`` are tensors
   of the autograd graph; ``dy/dA_l`` for ``y = sum_b logits[b, target_b]`` comes from one
   ``torch.autograd.grad`` call. Models running timm's non-fused path are read at ``attn_drop``.
+
+Threads: captures of one model run one at a time (a re-entrant lock per attention module, held for the
+forward); hooks act only on the calling thread, so other threads' plain forwards are not tapped.
 
 Modules: :mod:`.model` (supported models, token layout), :mod:`.hooks` (the temporary hooks),
 :mod:`.forward` (:func:`capture_attention`), :mod:`.grad` (:func:`capture_attention_grad`).

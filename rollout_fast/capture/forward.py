@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from ..ops import attention as attention_ops
-from ..reference import HEAD_FUSIONS
-from .hooks import Tap, check_complete, plain_sdpa, sdpa_scale, summary
+from ..reference import HEAD_FUSIONS, fuse_probs
+from .hooks import SDPACall, Tap, check_complete, check_probs, model_lock, sdpa_call, summary
 from .model import attention_modules, check_images, eval_mode
 
 __all__ = ["CAPTURES", "CaptureResult", "capture_attention", "resolve_capture"]
 
 CAPTURES = ("auto", "fused-triton", "fused-chunked", "qk-hooks")
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def resolve_capture(capture: str, device: torch.device | str, head_fusion: str | None = "mean") -> str:
@@ -47,8 +48,9 @@ def resolve_capture(capture: str, device: torch.device | str, head_fusion: str |
 class CaptureResult(tuple):
     """``(output, attention)`` from :func:`capture_attention`, with the path that ran.
 
-    ``layer_paths``: the path of each block ('fused-triton' | 'fused-chunked' | 'qk-hooks'); ``path``: the
-    one path that ran, or e.g. 'fused-chunked+qk-hooks' when some blocks fell back.
+    ``layer_paths``: the path of each block ('fused-triton' | 'fused-chunked' | 'qk-hooks', or 'attn-drop'
+    for a block running timm's explicit attention, read at ``attn_drop``); ``path``: the one path that ran,
+    or e.g. 'fused-chunked+attn-drop' when blocks differed.
     """
 
     def __new__(cls, output, attention: torch.Tensor, layer_paths: Sequence[str]):
@@ -91,11 +93,13 @@ def capture_attention(model: nn.Module, images: torch.Tensor, *, head_fusion: st
         (logits for a classifier; equal to the plain forward's within the dtype's tolerance);
         ``attention`` float32 ``(L, B, 1, N, N)`` head-fused, or ``(L, B, H, N, N)`` with
         ``head_fusion=None``; rows are queries; layers in forward order. ``.path`` says which path ran.
+        The attention is the model's own: an ``attn_mask`` given to SDPA (timm's relative-position bias,
+        BEiT's bias) is in the softmax, q and k are read after q/k norm and rotary embeddings (EVA, RoPE ViTs).
 
     Raises:
         UnsupportedModelError: see :func:`attention_modules`, or a block's attention neither called SDPA
-            in a way the fused path answers nor passed q and k through ``q_norm``/``k_norm``, or an
-            attention mask was passed (masked attention is not supported).
+            as self-attention without dropout or causal masking nor ran timm's explicit path through
+            ``attn_drop`` (no map is made from attention the model did not compute).
         ValueError: unknown ``head_fusion`` or ``capture``, a path that cannot run here, bad ``images``.
     """
     if head_fusion is not None and head_fusion not in HEAD_FUSIONS:
@@ -106,7 +110,21 @@ def capture_attention(model: nn.Module, images: torch.Tensor, *, head_fusion: st
     captured: list[torch.Tensor | None] = [None] * len(mods)
     paths: list[str | None] = [None] * len(mods)
     buffer: list[torch.Tensor] = []  # (L, B, 1, N, N): each layer's fused matrix is written in place
+    tap = _capture_tap(mods, path, head_fusion, chunk_bytes, captured, paths, buffer)
+    with model_lock(mods), torch.no_grad(), eval_mode(model), tap:
+        output = forward(model, images) if forward is not None else model(images)
+    check_complete(tap, captured, "attention neither called SDPA in a way that can be reproduced nor ran "
+                                  "timm's explicit path through attn_drop")
+    if buffer and all(c.data_ptr() == buffer[0][i].data_ptr() for i, c in enumerate(captured)):
+        return CaptureResult(output, buffer[0], paths)  # type: ignore[arg-type]
+    return CaptureResult(output, torch.stack(captured), paths)  # type: ignore[arg-type]
 
+
+def _capture_tap(mods, path: str, head_fusion, chunk_bytes: int, captured: list, paths: list, buffer: list) -> Tap:
+    """The hooks of :func:`capture_attention`: each block's attention into ``captured`` (head-fused into one
+    (L, B, 1, N, N) ``buffer`` where shapes allow) and its path into ``paths``. An SDPA call is answered by the
+    fused op (``path`` 'fused-*'), or runs while its attention is rebuilt from the same q, k, mask and scale
+    ('qk-hooks'); timm's explicit path is read at ``attn_drop`` ('attn-drop')."""
     def slot(idx, q, k):
         shape = (len(mods), q.shape[0], 1, q.shape[2], k.shape[2])
         if not buffer:
@@ -115,33 +133,36 @@ def capture_attention(model: nn.Module, images: torch.Tensor, *, head_fusion: st
             return None  # not one (B, N) for every block (never in a ViT): stacked at the end instead
         return buffer[0][idx, :, 0]
 
-    def on_qk(idx, attn, q, k):
-        out = slot(idx, q, k) if head_fusion is not None else None
-        captured[idx] = attention_ops.fused_probs_chunked(q, k, scale=float(attn.scale), head_fusion=head_fusion,
-                                               chunk_bytes=chunk_bytes, fused_out=out)
-        paths[idx] = "qk-hooks"
+    def take(idx, fused, how):
+        captured[idx], paths[idx], tap.captured[idx] = fused, how, True
 
-    sdpa = None
-    if path != "qk-hooks":
-        impl = path[len("fused-"):]
-
-        def sdpa(idx, *args, **kwargs):
-            if not plain_sdpa(*args, **kwargs):
-                return None
-            q, k, v = args[:3]
-            res, fused = attention_ops.fused_attention(q, k, v, scale=sdpa_scale(args, kwargs),
-                                                       head_fusion=head_fusion, impl=impl,
-                                                       chunk_bytes=chunk_bytes, fused_out=slot(idx, q, k))
-            paths[idx] = path
-            captured[idx] = fused.unsqueeze(1)
-            tap.answered[idx] = True
+    def sdpa(idx, *args, **kwargs):
+        call = sdpa_call(args, kwargs)
+        if not isinstance(call, SDPACall):
+            tap.unsupported[idx] = call
+            return None
+        q, k, v, mask, scale = call
+        if path != "qk-hooks" and q.dtype in _FUSED_DTYPES and q.dtype == k.dtype == v.dtype:
+            res, fused = attention_ops.fused_attention(q, k, v, scale=scale, head_fusion=head_fusion,
+                                                       impl=path[len("fused-"):], chunk_bytes=chunk_bytes,
+                                                       fused_out=slot(idx, q, k), attn_mask=mask)
+            take(idx, fused.unsqueeze(1), path)
             return res
+        out = slot(idx, q, k) if head_fusion is not None else None  # SDPA runs; its attention rebuilt
+        take(idx, attention_ops.fused_probs_chunked(q, k, scale=scale, head_fusion=head_fusion, attn_mask=mask,
+                                                    chunk_bytes=chunk_bytes, fused_out=out), "qk-hooks")
+        return None
 
-    tap = Tap(mods, sdpa=sdpa, on_qk=on_qk)
-    with torch.no_grad(), eval_mode(model), tap:
-        output = forward(model, images) if forward is not None else model(images)
-    check_complete(tap, captured, "attention did not pass q and k through q_norm/k_norm and its SDPA call "
-                                   "could not be answered")
-    if buffer and all(c.data_ptr() == buffer[0][i].data_ptr() for i, c in enumerate(captured)):
-        return CaptureResult(output, buffer[0], paths)  # type: ignore[arg-type]
-    return CaptureResult(output, torch.stack(captured), paths)  # type: ignore[arg-type]
+    def on_probs(idx, probs):  # timm's explicit path: the exact probabilities, fused here
+        why = check_probs(probs, idx)
+        if why is not None:
+            tap.unsupported[idx] = why
+            return
+        p = probs.detach().float()
+        if head_fusion is None:
+            take(idx, p.clone(), "attn-drop")
+        else:
+            take(idx, fuse_probs(p, head_fusion, out=slot(idx, p, p)).unsqueeze(1), "attn-drop")
+
+    tap = Tap(mods, sdpa=sdpa, on_probs=on_probs)
+    return tap

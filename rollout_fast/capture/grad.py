@@ -10,7 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .hooks import Tap, check_complete, plain_sdpa, sdpa_scale, summary
+from ..reference import attention_probs
+from .hooks import SDPACall, Tap, check_complete, check_probs, model_lock, sdpa_call, summary
 from .model import attention_modules, check_images, eval_mode
 
 __all__ = ["GradCapture", "capture_attention_grad", "check_targets"]
@@ -121,7 +122,7 @@ def capture_attention_grad(model: nn.Module, images: torch.Tensor, targets=None,
     paths: list[str | None] = [None] * len(mods)
     tap = _explicit_attention_tap(mods, attns, paths)
     try:
-        with torch.enable_grad(), eval_mode(model), tap:
+        with model_lock(mods), torch.enable_grad(), eval_mode(model), tap:
             logits = forward(model, images) if forward is not None else model(images)
         check_complete(tap, attns, "attention neither called SDPA in a supported way nor ran timm's "
                                    "explicit path through attn_drop")
@@ -134,23 +135,26 @@ def capture_attention_grad(model: nn.Module, images: torch.Tensor, targets=None,
 def _explicit_attention_tap(mods, attns: list, paths: list) -> Tap:
     """Hooks that make each block's probabilities ``A_l`` a tensor of the autograd graph, stored in
     ``attns[l]`` (and the path in ``paths[l]``): SDPA answered by the explicit float32
-    ``softmax(q k^T * scale) @ v``, or timm's non-fused path read at ``attn_drop``."""
+    ``softmax(q k^T * scale + mask) @ v`` (the q, k and mask SDPA was given: RoPE and relative-position bias
+    included), or timm's non-fused path read at ``attn_drop``."""
     def sdpa(idx, *args, **kwargs):
-        if not plain_sdpa(*args, **kwargs):
+        call = sdpa_call(args, kwargs)
+        if not isinstance(call, SDPACall):
+            tap.unsupported[idx] = call
             return None
-        q, k, v = args[:3]
-        scale = sdpa_scale(args, kwargs)
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        probs = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul(scale).softmax(dim=-1)
+        q, k, v, mask, scale = call
+        probs = attention_probs(q, k, scale, mask)
         if not probs.requires_grad:  # nothing upstream needs grad (frozen model): make it a graph input
             probs.requires_grad_(True)
         attns[idx] = probs
         paths[idx] = "sdpa-explicit"
-        tap.answered[idx] = True
+        tap.captured[idx] = True
         return torch.matmul(probs, v.float()).to(v.dtype)
 
     def on_probs(idx, probs):
-        if tap.answered[idx] or not isinstance(probs, torch.Tensor):
+        why = check_probs(probs, idx)
+        if why is not None:
+            tap.unsupported[idx] = why
             return None
         replaced = None
         if not probs.requires_grad:

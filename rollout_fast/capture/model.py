@@ -69,19 +69,23 @@ def token_layout(model: nn.Module, image_size: tuple[int, int]) -> TokenLayout:
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The ``attn`` module of each block, checked to be a capturable timm attention.
 
+    A timm attention (``Attention``, ``RelPosAttention``, BEiT's and EVA's ``Attention``/``EvaAttention``/
+    ``AttentionRope``) has ``num_heads`` and an ``attn_drop`` module: its attention is read at its SDPA call
+    (fused path) or at ``attn_drop`` (explicit path), where the model's exact probabilities are.
+
     Raises:
-        UnsupportedModelError: not a timm ViT, or a block's attention lacks ``q_norm``/``k_norm``/
-            ``num_heads``/``scale`` (e.g. a custom or fused-qkv attention rollout_fast cannot read).
+        UnsupportedModelError: not a timm ViT, or a block's attention lacks ``num_heads`` or an
+            ``attn_drop`` module (e.g. a custom attention rollout_fast cannot read).
     """
     _require_vit(model)
     mods = []
     for i, block in enumerate(model.blocks):
         attn = getattr(block, "attn", None)
-        need = ("q_norm", "k_norm", "num_heads", "scale")
-        if attn is None or not all(hasattr(attn, a) for a in need):
+        if attn is None or not hasattr(attn, "num_heads") or not isinstance(getattr(attn, "attn_drop", None),
+                                                                           nn.Module):
             raise UnsupportedModelError(
-                f"model.blocks[{i}]: attention {type(attn).__name__} has no {need}; only timm's "
-                "standard Attention (vit_*, deit_*, register, q/k-norm, LayerScale models) is supported")
+                f"model.blocks[{i}]: attention {type(attn).__name__} has no num_heads and attn_drop; only timm's "
+                "attention modules (vit_*, deit_*, relpos, BEiT, EVA/RoPE ViTs) are supported")
         mods.append(attn)
     if not mods:
         raise UnsupportedModelError("model: has no transformer blocks")

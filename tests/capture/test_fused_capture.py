@@ -82,16 +82,17 @@ def test_capture_returns_one_preallocated_buffer_and_reports_path():
     torch.testing.assert_close(attention.sum(-1), torch.ones(3, 2, 1, 10))  # mean fusion: rows sum to 1
 
 
-def test_unfused_blocks_fall_back_to_qk_hooks():
-    """Blocks running timm's explicit path (fused_attn False) never call SDPA: they are rebuilt from q, k."""
+def test_unfused_blocks_are_read_at_attn_drop():
+    """Blocks running timm's explicit path (fused_attn False) never call SDPA: their exact probabilities are
+    read at attn_drop."""
     model, (H, W), _, _ = _build("vit")
     mixed = copy.deepcopy(model)
     mixed.blocks[1].attn.fused_attn = False
     images = torch.randn(2, 3, H, W)
     explainer = AttentionRollout(mixed, discard_ratio=0.5)
     maps = explainer(images)
-    assert explainer.info["last_layer_captures"] == ("fused-chunked", "qk-hooks", "fused-chunked")
-    assert explainer.info["last_capture"] == "fused-chunked+qk-hooks"
+    assert explainer.info["last_layer_captures"] == ("fused-chunked", "attn-drop", "fused-chunked")
+    assert explainer.info["last_capture"] == "fused-chunked+attn-drop"
     torch.testing.assert_close(maps, AttentionRollout(model, discard_ratio=0.5)(images), rtol=1e-4, atol=1e-5)
 
 
