@@ -98,19 +98,26 @@ def _check_request(batch_size: int, method: str, target, model: torch.nn.Module)
         raise ValueError(f"target: class {target} is outside the model's classes [0, {num_classes})")
 
 
-def _batches(files: Sequence, transform, batch_size: int, skipped: list, progress: bool):
-    """``(images (b, 3, H, W), files)`` batches of the readable files; unreadable ones are warned about and
-    appended to ``skipped`` as ``(file, reason)``."""
+def _progress_bar(total: int, enabled: bool):
+    """The job's progress bar: one step per input file (done once its map and overlay are written, or it is
+    skipped), then one for ``rollout.npz`` + ``grid.png``."""
     from tqdm.auto import tqdm
 
+    return tqdm(total=total, desc="rollout", unit="step", disable=not enabled)
+
+
+def _batches(files: Sequence, transform, batch_size: int, skipped: list, bar):
+    """``(images (b, 3, H, W), files)`` batches of the readable files; unreadable ones are warned about,
+    appended to ``skipped`` as ``(file, reason)`` and counted on ``bar``."""
     batch, batch_files = [], []
-    for f in tqdm(list(files), desc="rollout", disable=not progress):
+    for f in files:
         try:
             img = _load_rgb(Path(f))
         except Exception as e:  # PIL raises OSError, UnidentifiedImageError, ValueError, ...
             # stacklevel 3: the warning points at the caller of rollout_images
             warnings.warn(f"skipping unreadable image {str(f)!r}: {type(e).__name__}: {e}", stacklevel=3)
             skipped.append((str(f), f"{type(e).__name__}: {e}"))
+            bar.update(1)
             continue
         batch.append(transform(img))
         batch_files.append(f)
@@ -126,8 +133,9 @@ class _RolloutWriter:
     the end (:meth:`finish`)."""
 
     def __init__(self, out: Path, data_config: dict, names: list[str] | None, method: str, overlays: bool,
-                 earlier: Sequence[Path] = ()):
+                 earlier: Sequence[Path] = (), bar=None):
         self.result = RolloutJobResult(out)
+        self.bar = bar  # advanced once per image written and once for the grid
         self.earlier = list(earlier)  # an earlier run's outputs, removed before the first write
         self.data_config, self.names, self.method, self.overlays = data_config, names, method, overlays
         self.maps, self.classes, self.probs, self.targets, self.student_maps = [], [], [], [], []
@@ -162,6 +170,8 @@ class _RolloutWriter:
             if len(self.shown) < 16:
                 self.shown.append((imgs[i], maps_np[i], f"{Path(f).name}: {label}"))
             self.result.files.append(str(f))
+        if self.bar is not None:
+            self.bar.update(len(files))
         self.maps.append(maps_np)
         self.classes.append(c.cpu().numpy())
         self.probs.append(p.cpu().numpy())
@@ -171,6 +181,8 @@ class _RolloutWriter:
         from .viz import save_grid
 
         result = self.result
+        if self.bar is not None:
+            self.bar.set_description("rollout: rollout.npz, grid.png")
         result.out.mkdir(parents=True, exist_ok=True)
         classes = np.concatenate(self.classes).astype(np.int64)
         result.npz = result.out / "rollout.npz"
@@ -186,6 +198,8 @@ class _RolloutWriter:
                  method=np.array(self.method), **extra)
         result.grid = save_grid([s[0] for s in self.shown], [s[1] for s in self.shown], result.out / "grid.png",
                                 titles=[s[2] for s in self.shown], extra=columns)
+        if self.bar is not None:
+            self.bar.update(1)
         return result
 
 
@@ -212,6 +226,9 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     (:data:`ROLLOUT_OUTPUTS`) unless ``overwrite``; then the earlier run's files are removed before the first
     new one is written, so the folder always matches its ``rollout.npz``.
 
+    ``progress``: a bar over the whole job, one step per file (done once its map and overlay are written)
+    and one for ``rollout.npz`` + ``grid.png``, so it reaches 100% when everything is written.
+
     Writes:
         ``out/overlays/NNNNN_<name>.png``: the model input with the rollout heatmap and a colour bar;
         ``out/rollout.npz``: ``maps`` float32 (num_images, gh, gw), ``files``, ``predicted_class``
@@ -237,23 +254,27 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     explainer = AttentionRollout(model, head_fusion=head_fusion, discard_ratio=discard_ratio)
     if student is not None:
         student = student.to(device).eval()
-    writer = _RolloutWriter(Path(out), data_config, class_names_of(model), method, overlays, earlier)
-    batches = _batches(files, create_transform(**data_config), batch_size, writer.result.skipped, progress)
-    for x, batch_files in batches:
-        x = x.to(device)
-        maps, logits = explainer.explain_grad(x, target) if method == "grad" else explainer.explain(x)
-        student_maps = None
-        if student is not None:
-            if not writer.result.files:  # the explainer's grid and input, once
-                from .students import check_student_grid
+    bar = _progress_bar(len(files) + 1, progress)
+    writer = _RolloutWriter(Path(out), data_config, class_names_of(model), method, overlays, earlier, bar)
+    try:
+        for x, batch_files in _batches(files, create_transform(**data_config), batch_size, writer.result.skipped,
+                                       bar):
+            x = x.to(device)
+            maps, logits = explainer.explain_grad(x, target) if method == "grad" else explainer.explain(x)
+            student_maps = None
+            if student is not None:
+                if not writer.result.files:  # the explainer's grid and input, once
+                    from .students import check_student_grid
 
-                check_student_grid(student, tuple(maps.shape[-2:]), tuple(x.shape[-2:]))
-            with torch.no_grad():
-                student_maps = student.maps(x)
-        writer.add(x, batch_files, maps, logits, target, student_maps)
-    if not writer.result.files:
-        raise ValueError(f"images: none of the {len(files)} inputs could be read")
-    return writer.finish()
+                    check_student_grid(student, tuple(maps.shape[-2:]), tuple(x.shape[-2:]))
+                with torch.no_grad():
+                    student_maps = student.maps(x)
+            writer.add(x, batch_files, maps, logits, target, student_maps)
+        if not writer.result.files:
+            raise ValueError(f"images: none of the {len(files)} inputs could be read")
+        return writer.finish()
+    finally:
+        bar.close()
 
 
 def evaluate_folder(model: torch.nn.Module, data_config: dict, root: str | os.PathLike, *,

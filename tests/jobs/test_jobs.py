@@ -149,3 +149,47 @@ def test_rollout_images_checks_the_output_folder_before_reading(image_files, tmp
     with pytest.raises(NotADirectoryError, match="cannot create folder"):
         rollout_images(image_files, a_file / "sub", _vit(), DATA_CONFIG, progress=False)
     assert a_file.read_text() == "x"
+
+
+def test_rollout_progress_covers_the_whole_job(image_files, tmp_path, monkeypatch):
+    """The bar is not at 100% while the last batch is explained or the grid is drawn: one step per file once its
+    map and overlay are written (a skipped file when skipped), the last step after rollout.npz and grid.png."""
+    from rollout_fast import jobs, viz
+
+    bars, seen = [], []
+
+    class Bar:
+        def __init__(self, total, enabled):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_description(self, text):
+            seen.append(("description", text))
+
+        def close(self):
+            self.closed = True
+
+    explain, save_grid = jobs.AttentionRollout.explain, viz.save_grid
+
+    def spy_explain(self, x):
+        seen.append(("explain", bars[0].n))
+        return explain(self, x)
+
+    def spy_grid(*a, **k):
+        seen.append(("grid", bars[0].n))
+        return save_grid(*a, **k)
+
+    monkeypatch.setattr(jobs, "_progress_bar", Bar)
+    monkeypatch.setattr(jobs.AttentionRollout, "explain", spy_explain)
+    monkeypatch.setattr(viz, "save_grid", spy_grid)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"")
+    with pytest.warns(UserWarning, match="broken.png"):
+        rollout_images([broken, *image_files], tmp_path / "o", _vit(), DATA_CONFIG, batch_size=2, progress=True)
+    bar = bars[0]
+    assert bar.total == 5 and bar.n == 5 and bar.closed
+    assert seen[:2] == [("explain", 1), ("explain", 3)]  # the skipped file, then the first batch of 2
+    assert seen[2][0] == "description" and seen[3] == ("grid", 4)
