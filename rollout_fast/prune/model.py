@@ -17,12 +17,36 @@ __all__ = ["PrunedViT", "TokenPruner", "prune_tokens"]
 
 
 def _require_prunable(model: nn.Module) -> None:
+    """Raise UnsupportedModelError unless dropping patch tokens at ``patch_drop`` gives the model's own
+    computation on the kept tokens: timm's VisionTransformer layout (``patch_drop`` a module), and no
+    position information applied inside the blocks by token index (rotary embeddings would rotate the kept
+    tokens by the wrong positions; a relative-position bias would be (N, N) for N tokens no longer there)."""
+    blocks = getattr(model, "blocks", None) if isinstance(model, nn.Module) else None
+    if isinstance(blocks, nn.Module):
+        _refuse_positional(model, blocks)
     need = ("patch_embed", "_pos_embed", "patch_drop", "blocks", "num_prefix_tokens")
     missing = [a for a in need if not hasattr(model, a)]
     if not isinstance(model, nn.Module) or missing:
         raise UnsupportedModelError(
             f"model: expected a timm VisionTransformer-family model with {need}, got {type(model).__name__}"
             + (f" missing {missing}" if isinstance(model, nn.Module) else ""))
+    if not isinstance(model.patch_drop, nn.Module):
+        raise UnsupportedModelError(f"model: {type(model).__name__}.patch_drop is {model.patch_drop!r}, not timm's PatchDropout "
+                                    "slot (a module called on the tokens) that prune_tokens replaces")
+
+
+def _refuse_positional(model: nn.Module, blocks) -> None:
+    name = type(model).__name__
+    if getattr(model, "rope", None) is not None or any(getattr(b.attn, "rope", None) is not None
+                                                       for b in blocks if hasattr(b, "attn")):
+        raise UnsupportedModelError(f"model: {name} applies rotary position embeddings (RoPE) inside its blocks; "
+                                    "pruned tokens would not keep their own rotary positions, so prune_tokens "
+                                    "cannot prune it correctly")
+    bias = ("rel_pos", "relative_position_bias_table", "rel_pos_bias", "shared_rel_pos")
+    if any(getattr(m, a, None) is not None for m in (model, *(getattr(b, "attn", b) for b in blocks))
+           for a in bias):
+        raise UnsupportedModelError(f"model: {name} adds a relative-position bias to its attention; the bias is "
+                                    "not gathered for kept tokens, so prune_tokens cannot prune it correctly")
 
 
 class TokenPruner(nn.Module):
@@ -159,13 +183,17 @@ def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *,
     Raises:
         ValueError: ``keep_ratio`` outside (0, 1]; an unknown scorer or backend; a student whose grid differs
             from the model's patch grid; at call time, a scorer returning the wrong shape or non-finite scores.
-        UnsupportedModelError (TypeError): ``model`` is not a timm ViT with ``patch_drop``.
+        UnsupportedModelError (TypeError), here and never at the first forward: ``model`` is not a timm ViT
+            with a ``patch_drop`` module, or applies RoPE (EVA, vit_*_rope*) or a relative-position bias
+            (vit_relpos_*, BEiT) inside its blocks, which pruning by token index would get wrong; a scorer that
+            cannot score this model (``cls-attention`` without a class token).
     """
     check_keep_ratio(keep_ratio)
     _require_prunable(model)
     if backend not in GATHER_BACKENDS:
         raise ValueError(f"backend: expected one of {GATHER_BACKENDS}, got {backend!r}")
     sc = make_scorer(scorer, **scorer_kwargs)
+    sc.check_model(model)
     if isinstance(sc, StudentScorer):
         sg = sc.student_grid()
         mg = tuple(int(g) for g in model.patch_embed.grid_size)

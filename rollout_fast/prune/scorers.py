@@ -106,6 +106,9 @@ class PatchScorer:
     def reset(self) -> None:
         """Restart any random stream (a no-op for deterministic scorers)."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise UnsupportedModelError when this scorer cannot score ``model`` (called by ``prune_tokens``)."""
+
 
 class RandomScorer(PatchScorer):
     """Uniform random scores from a CPU ``torch.Generator`` seeded with ``seed`` (reproducible batch order)."""
@@ -199,8 +202,8 @@ class ClsAttentionScorer(PatchScorer):
     ``softmax(q k^T * scale)`` restricted to the patch columns: float32 ``(B, G)``. Only the q/k projections
     are computed (about a twelfth of a block at ``block=0``).
 
-    Raises (at call): UnsupportedModelError when the model has no class token or the block's attention is not
-    timm's ``Attention`` layout (``qkv``, ``num_heads``, ``head_dim``, ``scale``, ``q_norm``, ``k_norm``).
+    Raises (from :meth:`check_model`, so at ``prune_tokens``, and again at call): UnsupportedModelError when
+    the model has no class token or the block's attention is not timm's ``Attention`` layout (``qkv``, ``num_heads``, ``head_dim``, ``scale``, ``q_norm``, ``k_norm``).
 
     Source: EViT (Liang et al., ICLR 2022): the class token's attention as token attentiveness.
     """
@@ -213,17 +216,21 @@ class ClsAttentionScorer(PatchScorer):
             raise ValueError(f"block: expected an int >= 0, got {block!r}")
         self.block = block
 
-    def score_tokens(self, model, tokens):
+    def check_model(self, model):
         if getattr(model, "cls_token", None) is None:
             raise UnsupportedModelError("cls-attention: the model has no class token")
         if self.block >= len(model.blocks):
             raise ValueError(f"cls-attention: block {self.block} >= the model's {len(model.blocks)} blocks")
-        blk = model.blocks[self.block]
-        attn = getattr(blk, "attn", None)
+        attn = getattr(model.blocks[self.block], "attn", None)
         need = ("qkv", "num_heads", "scale", "q_norm", "k_norm")
         if attn is None or not all(hasattr(attn, a) for a in need) or not isinstance(attn.qkv, nn.Linear):
             raise UnsupportedModelError(f"cls-attention: model.blocks[{self.block}].attn is not timm's Attention "
                                         f"(needs {need})")
+
+    def score_tokens(self, model, tokens):
+        self.check_model(model)
+        blk = model.blocks[self.block]
+        attn = blk.attn
         P = int(model.num_prefix_tokens)
         with torch.no_grad():
             x = model.norm_pre(tokens)

@@ -144,5 +144,26 @@ def test_bad_scorer_and_model():
         prune_tokens(model, 0.5, 3)
     with pytest.raises(UnsupportedModelError):
         prune_tokens(torch.nn.Linear(3, 3), 0.5, "random")
-    with pytest.raises(UnsupportedModelError, match="no class token"):
-        prune_tokens(MODELS["no-class-token"](), 0.5, "cls-attention")(images_for("vit"))
+    with pytest.raises(UnsupportedModelError, match="no class token"):  # at construction, not at the forward
+        prune_tokens(MODELS["no-class-token"](), 0.5, "cls-attention")
+
+
+# Families whose blocks use position by token index (issue 12): refused by prune_tokens itself, with the
+# reason, never at the first forward or as an AttributeError.
+REFUSED = {
+    "vit_relpos_small_patch16_224": ("relative-position bias", {}),
+    "beit_base_patch16_224": ("relative-position bias", {"embed_dim": 64, "num_heads": 4}),
+    "eva02_tiny_patch14_224": ("rotary position embeddings", {}),
+    "vit_small_patch16_rope_224": ("rotary position embeddings", {"embed_dim": 64, "num_heads": 4}),
+}
+
+
+@pytest.mark.parametrize("timm_name", sorted(REFUSED))
+@pytest.mark.parametrize("scorer", ["random", "cls-attention"])
+def test_rope_and_relative_bias_models_are_refused_at_prune_tokens(timm_name, scorer):
+    import timm
+
+    why, kw = REFUSED[timm_name]
+    model = timm.create_model(timm_name, depth=1, img_size=64, num_classes=3, **kw)
+    with pytest.raises(UnsupportedModelError, match=why):
+        prune_tokens(model, 0.5, scorer)
