@@ -15,6 +15,7 @@ from .capture import (
 )
 from .ops import attention_rollout, grad_attention_rollout
 from .reference import HEAD_FUSIONS, NORMALIZATIONS
+from .reference.rollout import real_scalar
 
 __all__ = ["AttentionRollout", "RolloutResult"]
 
@@ -88,8 +89,11 @@ class AttentionRollout:
         attention_modules(model)  # fail early on unsupported models
         if head_fusion not in HEAD_FUSIONS:
             raise ValueError(f"head_fusion: expected one of {HEAD_FUSIONS}, got {head_fusion!r}")
-        if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) \
-                or not 0.0 <= discard_ratio < 1.0:
+        try:
+            discard_ratio = real_scalar(discard_ratio, "discard_ratio", "a float in [0, 1)")
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+        if not 0.0 <= discard_ratio < 1.0:
             raise ValueError(f"discard_ratio: expected a float in [0, 1), got {discard_ratio!r}")
         if readout not in ("cls", "mean", None):
             raise ValueError(f"readout: expected 'cls', 'mean' or None, got {readout!r}")

@@ -122,10 +122,14 @@ def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: f
 
     Args:
         attentions: ``L`` tensors ``(B, H, N, N)`` or one ``(L, B, H, N, N)`` tensor of post-softmax
-            attention (rows are queries, layers in forward order); float16/bfloat16/float32.
+            attention (rows are queries, layers in forward order); float16/bfloat16/float32. Layers
+            first: a batch-first ``(B, L, H, N, N)`` stack must be ``.transpose(0, 1)``-ed (the shape alone
+            cannot tell them apart). Hugging Face's ``output_attentions`` tuple works, but is empty under
+            SDPA: load the model with ``attn_implementation='eager'`` or use :class:`AttentionRollout`.
         head_fusion: 'mean' | 'max' | 'min' over heads.
-        discard_ratio: fraction in [0, 1) of each fused (N, N) matrix to zero per sample.
-        num_prefix_tokens: P, prefix tokens (class, distillation, registers) before the patches.
+        discard_ratio: fraction in [0, 1) of each fused (N, N) matrix to zero per sample; any real number
+            (numpy scalars and 0-d tensors too).
+        num_prefix_tokens: P, prefix tokens (class, distillation, registers) before the patches; any integer.
         grid: (gh, gw) with gh * gw = N - P; inferred as square when None.
         readout: 'cls' | 'mean' | 'full'.
         normalize: 'max' | 'minmax' | None, per sample (not applied to 'full').

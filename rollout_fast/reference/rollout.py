@@ -25,6 +25,7 @@ this module imports nothing else from the package (:mod:`rollout_fast.reference`
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ __all__ = [
     "READOUTS",
     "RolloutArgs",
     "all_finite",
+    "int_scalar",
     "attention_rollout",
     "check_grad_rollout_args",
     "check_rollout_args",
@@ -45,6 +47,7 @@ __all__ = [
     "grad_rollout",
     "normalize_maps",
     "readout_map",
+    "real_scalar",
     "residual_normalize",
     "rollout_matrix",
 ]
@@ -77,7 +80,9 @@ def _stack(attentions) -> torch.Tensor:
         raise TypeError("attentions: expected a tensor or a sequence (list/tuple) of tensors, got "
                         f"{type(attentions).__name__}")
     if len(attentions) == 0:
-        raise ValueError("attentions: the sequence is empty (need at least one layer)")
+        raise ValueError("attentions: the sequence is empty (need at least one layer). Hugging Face models "
+                         "return an empty tuple for output_attentions under SDPA: load the model with "
+                         "attn_implementation='eager', or use rollout_fast.AttentionRollout on a timm model")
     for i, a in enumerate(attentions):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"attentions[{i}]: expected a tensor, got {type(a).__name__}")
@@ -122,12 +127,10 @@ def check_rollout_args(attentions, *, head_fusion="mean", discard_ratio=0.0, num
         raise ValueError(f"readout: expected one of {READOUTS}, got {readout!r}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
-    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)):
-        raise TypeError(f"discard_ratio: expected a float in [0, 1), got {discard_ratio!r}")
-    if not (0.0 <= float(discard_ratio) < 1.0):
+    discard_ratio = real_scalar(discard_ratio, "discard_ratio", "a float in [0, 1)")
+    if not (0.0 <= discard_ratio < 1.0):
         raise ValueError(f"discard_ratio: expected a value in [0, 1), got {discard_ratio}")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
-        raise TypeError(f"num_prefix_tokens: expected an int, got {num_prefix_tokens!r}")
+    num_prefix_tokens = int_scalar(num_prefix_tokens, "num_prefix_tokens")
     if not (0 <= num_prefix_tokens < N):
         raise ValueError(f"num_prefix_tokens: expected 0 <= P < N = {N}, got {num_prefix_tokens}")
     if readout == "cls" and num_prefix_tokens < 1:
@@ -152,6 +155,31 @@ def check_rollout_args(attentions, *, head_fusion="mean", discard_ratio=0.0, num
                        normalize, bool(protect_prefix))
 
 
+def real_scalar(x, name: str, what: str = "a real number") -> float:
+    """``x`` as a float: any real number (int, float, numpy scalar, 0-d real tensor); bools are rejected.
+
+    Raises:
+        TypeError: not a real number."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_complex and x.dtype != torch.bool:
+        return float(x.item())
+    if isinstance(x, bool) or type(x).__name__ == "bool_" or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected {what}, got {x!r}")
+    return float(x)
+
+
+def int_scalar(x, name: str) -> int:
+    """``x`` as an int: any integer (int, numpy integer, 0-d integer tensor); bools are rejected.
+
+    Raises:
+        TypeError: not an integer."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and not x.is_complex() \
+            and x.dtype != torch.bool:
+        return int(x.item())
+    if isinstance(x, bool) or type(x).__name__ == "bool_" or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {x!r}")
+    return int(x)
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True when ``x`` holds no NaN and no +-inf: one min/max pass (NaN propagates through both), about a
     read of ``x``, where ``torch.isfinite(x).all()`` writes and reads a mask as large as ``x``."""
@@ -161,7 +189,7 @@ def all_finite(x: torch.Tensor) -> bool:
 
 def _check_grid(grid, G: int, N: int, P: int) -> tuple[int, int]:
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+            or not all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0 for g in grid)):
         raise ValueError(f"grid: expected (gh, gw), two positive ints, got {grid!r}")
     if grid[0] * grid[1] != G:
         raise ValueError(f"grid: {tuple(grid)} holds {grid[0] * grid[1]} patches but N - "

@@ -222,3 +222,25 @@ def test_all_finite_finds_each_kind_of_non_finite_value(dtype, bad):
     if bad is not None:
         x[1, 2, 3, 4, 0] = bad
     assert reference.all_finite(x) is (bad is None)
+
+
+def test_scalar_arguments_of_any_real_type():
+    """numpy scalars and 0-d tensors are numbers too (issue 12: np.float32(0.5) was rejected)."""
+    import numpy as np
+
+    att = torch.rand(2, 1, 2, 5, 5).softmax(-1)
+    want = reference.attention_rollout(att, discard_ratio=0.5, num_prefix_tokens=1, grid=(2, 2))
+    for ratio, prefix, grid in ((np.float32(0.5), np.int64(1), (np.int64(2), 2)),
+                                (torch.tensor(0.5), torch.tensor(1), (2, 2)), (np.float64(0.5), 1, (2, 2))):
+        got = reference.attention_rollout(att, discard_ratio=ratio, num_prefix_tokens=prefix, grid=grid)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for bad, exc in ((True, TypeError), (np.bool_(True), TypeError), ("0.5", TypeError), (1.0, ValueError)):
+        with pytest.raises(exc, match="discard_ratio"):
+            reference.attention_rollout(att, discard_ratio=bad, grid=(2, 2))
+    with pytest.raises(TypeError, match="num_prefix_tokens"):
+        reference.attention_rollout(att, num_prefix_tokens=np.float32(1.0), grid=(2, 2))
+
+
+def test_empty_sequence_says_how_to_get_attention_from_hugging_face():
+    with pytest.raises(ValueError, match="attn_implementation='eager'.*AttentionRollout"):
+        reference.attention_rollout(())
