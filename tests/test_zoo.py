@@ -38,12 +38,32 @@ def test_embedded_teacher_loads_offline_in_eval_mode():
     assert timm.data.resolve_data_config({}, model=model)["mean"] == cfg["mean"]
 
 
+# top-1 of the embedded teacher on SLICE, measured (deterministic on the CPU): counted by the test in float32,
+# and by evaluate_folder (bf16 autocast, as eval-teacher measures it)
+SLICE = range(0, 10000, 10)  # every 10th image of the sorted ImageFolder: 100 per class, 1,000 in all
+SLICE_TOP1_FP32, SLICE_TOP1_EVAL = 0.801, 0.802
+TOL = 0.004  # 4 images: a 0.5-point change (an inflated metric, pos_embed not loaded) fails
+
+
 @pytest.mark.slow
 def test_embedded_teacher_accuracy_on_fixed_test_slice(cifar10_test):
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader, Subset
+
+    from rollout_fast.data import image_folder
+
     model, cfg = load_teacher("cifar10-vit")
-    # every 10th image of the sorted ImageFolder: 100 per class, 1,000 in all
-    acc = evaluate_folder(model, cfg, cifar10_test, indices=range(0, 10000, 10), progress=False)
+    ds = Subset(image_folder(cifar10_test, create_transform(**cfg)), list(SLICE))
+    correct, labels = 0, []
+    with torch.inference_mode():
+        for x, y in DataLoader(ds, batch_size=250):
+            correct += int((model(x).argmax(-1) == y).sum())  # top-1, counted here
+            labels += y.tolist()
+    assert [labels.count(c) for c in range(10)] == [100] * 10
+    assert abs(correct / 1000 - SLICE_TOP1_FP32) <= TOL, correct
+    acc = evaluate_folder(model, cfg, cifar10_test, indices=SLICE, progress=False)
     assert acc >= 0.78
+    assert abs(acc - SLICE_TOP1_EVAL) <= TOL, acc
 
 
 def test_local_card_checkpoint_round_trip(tmp_path):
