@@ -30,6 +30,11 @@ Sources: EViT (Liang et al. 2022) and DynamicViT (Rao et al., NeurIPS 2021) prun
 trained or attention-based selection; the seeds dropped patches before the blocks by a (student's) rollout
 map (REFERENCE.md section 5). Here selection happens once, before the blocks, for any timm ViT.
 
+In-network baselines (tokens reduced between blocks): ``reduce_tokens(model, 'tome', r=8)`` (ToMe, Bolya et al.
+2023) and ``reduce_tokens(model, 'evit', keep_ratio=0.7)`` (EViT off the shelf), a :func:`register_method`
+registry in :mod:`~rollout_fast.prune.inner`, methods in :mod:`~rollout_fast.prune.merge` and
+:mod:`~rollout_fast.prune.evit`.
+
 Modules: :mod:`~rollout_fast.prune.keep` (keep ratios), :mod:`~rollout_fast.prune.scorers` (scorers and
 their registry), :mod:`~rollout_fast.prune.model` (:class:`TokenPruner`, :class:`PrunedViT`,
 :func:`prune_tokens`), :mod:`~rollout_fast.prune.timing` (images/s), :mod:`~rollout_fast.prune.study`
@@ -39,7 +44,10 @@ their registry), :mod:`~rollout_fast.prune.model` (:class:`TokenPruner`, :class:
 from __future__ import annotations
 
 from ..data import load_eval_data
+from .evit import EViT
+from .inner import METHODS, ReducedViT, TokenReducer, method_names, reduce_tokens, register_method
 from .keep import check_keep_ratio, keep_count
+from .merge import ToMe
 from .model import PrunedViT, TokenPruner, prune_tokens
 from .report import format_table, plot_prune_eval, write_prune_eval
 from .scorers import (
@@ -59,15 +67,20 @@ from .study import prune_eval
 from .timing import measure_speedup, measure_throughput
 
 __all__ = [
+    "METHODS",
     "SCORERS",
     "ClsAttentionScorer",
+    "EViT",
     "GradRolloutScorer",
     "PatchScorer",
     "PrunedViT",
     "RandomScorer",
+    "ReducedViT",
     "RolloutScorer",
     "StudentScorer",
+    "ToMe",
     "TokenPruner",
+    "TokenReducer",
     "check_keep_ratio",
     "check_scores",
     "format_table",
@@ -76,9 +89,12 @@ __all__ = [
     "make_scorer",
     "measure_speedup",
     "measure_throughput",
+    "method_names",
     "plot_prune_eval",
     "prune_eval",
     "prune_tokens",
+    "reduce_tokens",
+    "register_method",
     "register_scorer",
     "scorer_names",
     "write_prune_eval",

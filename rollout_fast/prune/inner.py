@@ -1,0 +1,251 @@
+"""In-network token reduction for timm ViTs: :func:`reduce_tokens`, :class:`ReducedViT` and the method registry.
+
+``reduced = reduce_tokens(model, "tome", r=8)`` (or ``"evit", keep_ratio=0.7``) returns a shallow copy of
+``model`` (parameters and blocks shared, the original untouched, like :func:`~rollout_fast.prune.prune_tokens`)
+whose ``blocks`` container is a :class:`ReducingBlocks`: an ``nn.Sequential`` holding the same block modules
+(same state-dict keys) whose forward runs each block unchanged and, between blocks, lets the method reduce
+the tokens. During a block, a small ``TorchFunctionMode`` sees the block's ``F.scaled_dot_product_attention``
+call (q and k after q/k norm, the mask and scale: :func:`rollout_fast.capture.hooks.sdpa_call`) so the method
+can read the keys / class-token attention and add an additive ``attn_mask`` (ToMe's proportional attention);
+SDPA itself still computes the attention. A block a method does not touch runs without the interception,
+so a no-reduction setting (``r=0``, ``keep_ratio=1.0``) runs exactly the unpruned model.
+
+The one deviation from the papers, shared by every method here: reduction happens at a block's output
+(after its MLP), not between its attention and its MLP, because timm's ``Block.forward`` keeps the
+residual in a local variable and is not copied here.
+
+A new method is one :func:`register_method` entry: a :class:`TokenReducer` subclass implementing
+``bind`` (check the settings against the model, raise at build time), ``plan`` (tokens entering each block),
+``uses_sdpa`` / ``sdpa`` (what to read from, or add to, a block's SDPA call) and ``after`` (reduce the tokens
+at the block's output). Supported models: timm ``VisionTransformer`` and subclasses (vit_*, deit_* incl.
+distilled, register tokens, LayerScale, q/k norm, parallel blocks) with SDPA on (``fused_attn``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..capture import UnsupportedModelError, token_layout
+from ..capture.hooks import SDPACall, sdpa_call
+
+__all__ = ["METHODS", "ReducedViT", "ReducingBlocks", "TokenReducer", "method_names", "reduce_tokens",
+           "register_method"]
+
+METHODS: dict[str, type] = {}
+_SDPA = F.scaled_dot_product_attention
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`TokenReducer` subclass under ``name`` for :func:`reduce_tokens`."""
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, TokenReducer)):
+            raise TypeError(f"register_method({name!r}): expected a TokenReducer subclass, got {cls!r}")
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method: {name!r} is already registered ({METHODS[name].__name__})")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+class TokenReducer:
+    """One in-network method with its settings. Subclasses override the hooks below; ``state`` is a dict
+    private to one forward pass (sizes, keys, class-token attention)."""
+
+    name = ""
+    num_prefix_tokens = 0
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def bind(self, model: nn.Module, layout) -> None:
+        """Check the settings against ``model`` and its default :class:`~rollout_fast.capture.TokenLayout`;
+        raise ValueError / UnsupportedModelError naming the setting."""
+        self.num_prefix_tokens = layout.num_prefix_tokens
+
+    def plan(self, num_tokens: int) -> list[int]:
+        """Tokens entering each block, then leaving the last, for ``num_tokens`` input tokens; raises
+        ValueError when the settings cannot apply to that many tokens."""
+        raise NotImplementedError
+
+    def uses_sdpa(self, block: int, state: dict) -> bool:
+        """Whether block ``block``'s SDPA call must be intercepted."""
+        return False
+
+    def sdpa(self, block: int, q, k, v, mask, scale: float, state: dict) -> torch.Tensor | None:
+        """See the block's SDPA call; return an additive float mask broadcastable to (B, H, N, N), or None."""
+        return None
+
+    def after(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """The tokens ``x`` (B, N, D) leaving block ``block``, reduced."""
+        return x
+
+    def take(self, state: dict, key: str, block: int):
+        if key not in state:
+            raise UnsupportedModelError(f"model.blocks[{block}]: its attention did not call "
+                                        f"F.scaled_dot_product_attention; {self.name} needs SDPA")
+        return state.pop(key)
+
+
+class _SDPATap(TorchFunctionMode):
+    """Answers the block's SDPA call: lets ``reducer.sdpa`` read it and add an additive mask, then runs SDPA."""
+
+    def __init__(self, reducer: TokenReducer, block: int, state: dict):
+        super().__init__()
+        self.reducer, self.block, self.state = reducer, block, state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not _SDPA:
+            return func(*args, **kwargs)
+        call = sdpa_call(args, kwargs)
+        if not isinstance(call, SDPACall):
+            raise UnsupportedModelError(f"model.blocks[{self.block}]: {call}; {self.reducer.name} cannot run here")
+        q, k, v, mask, scale = call
+        extra = self.reducer.sdpa(self.block, q, k, v, mask, scale, self.state)
+        if extra is None:
+            return func(*args, **kwargs)
+        if mask is None:
+            mask = extra
+        elif mask.dtype == torch.bool:
+            mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, -torch.inf) + extra
+        else:
+            mask = mask + extra
+        args = list(args)
+        if len(args) > 3:
+            args[3] = mask
+        else:
+            kwargs["attn_mask"] = mask
+        return func(*args, **kwargs)
+
+
+class ReducingBlocks(nn.Sequential):
+    """The model's blocks (same modules, same keys) with ``reducer`` acting between them."""
+
+    def __init__(self, blocks, reducer: TokenReducer):
+        super().__init__(*blocks)
+        object.__setattr__(self, "reducer", reducer)  # not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = self.reducer
+        red.plan(x.shape[1])  # a dynamic-size input the settings cannot apply to fails here, with the reason
+        state: dict = {}
+        for i, blk in enumerate(self):
+            if red.uses_sdpa(i, state):
+                with _SDPATap(red, i, state):
+                    x = blk(x)
+            else:
+                x = blk(x)
+            x = red.after(i, x, state)
+        return x
+
+
+def _require_reducible(model: nn.Module) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"model: in-network token reduction needs a timm VisionTransformer (vit_*, deit_*), got "
+            f"{type(model).__name__}; families whose blocks take per-token positions (EVA/RoPE, BEiT, relpos) "
+            "cannot drop or merge tokens inside the network")
+    if not isinstance(model.blocks, nn.Sequential) or len(model.blocks) == 0:
+        raise UnsupportedModelError("model.blocks: expected a non-empty nn.Sequential of transformer blocks")
+    for i, blk in enumerate(model.blocks):
+        attn = getattr(blk, "attn", blk)
+        if not getattr(attn, "fused_attn", getattr(blk, "fused_attn", False)):
+            raise UnsupportedModelError(
+                f"model.blocks[{i}]: fused_attn is False; in-network reduction reads keys and adds its bias at "
+                "F.scaled_dot_product_attention (build the model with SDPA on, timm's default)")
+
+
+def _shallow_copy(model: nn.Module, blocks: nn.Module) -> nn.Module:
+    clone = copy.copy(model)
+    for attr in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
+                 "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        if isinstance(getattr(model, attr, None), dict):
+            object.__setattr__(clone, attr, type(getattr(model, attr))(getattr(model, attr)))
+    clone._modules["blocks"] = blocks
+    return clone
+
+
+class ReducedViT(nn.Module):
+    """A timm ViT whose tokens are reduced inside the network; see :func:`reduce_tokens`.
+
+    ``forward(images)`` -> the model's output (logits). ``.vit``: the model copy; ``.method``: its
+    :class:`TokenReducer`; ``.original``: the model given.
+    """
+
+    def __init__(self, model: nn.Module, reducer: TokenReducer):
+        super().__init__()
+        self.vit = _shallow_copy(model, ReducingBlocks(model.blocks, reducer))
+        object.__setattr__(self, "method", reducer)
+        object.__setattr__(self, "original", model)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}"
+
+    def tokens_per_block(self, image_size: tuple[int, int]) -> list[int]:
+        """Tokens entering each block, then the number leaving the last, for images of ``image_size`` (H, W)."""
+        return self.method.plan(token_layout(self.original, image_size).num_tokens)
+
+    def forward(self, images: torch.Tensor):
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError("images: expected a (B, C, H, W) tensor")
+        return self.vit(images)
+
+
+def _make_reducer(method, settings: dict) -> TokenReducer:
+    if isinstance(method, TokenReducer):
+        if settings:
+            raise ValueError(f"settings: {sorted(settings)} given with a TokenReducer instance; set them on it")
+        return method
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {method_names()} or a TokenReducer, got {method!r}")
+    cls = METHODS[method]
+    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"{method}: unknown setting(s) {unknown}; expected {known}")
+    return cls(**settings)
+
+
+def reduce_tokens(model: nn.Module, method="tome", **settings) -> ReducedViT:
+    """A version of ``model`` that reduces its tokens inside the network with a registered method.
+
+    Args:
+        model: a timm VisionTransformer (see the module docstring). Not modified: the result is a shallow copy
+            sharing its parameters and blocks, with its own ``blocks`` container.
+        method: 'tome' (``r``, ``prop_attn``; :class:`~rollout_fast.prune.merge.ToMe`) | 'evit'
+            (``keep_ratio``, ``blocks``, ``fuse``; :class:`~rollout_fast.prune.evit.EViT`), another
+            :func:`register_method` name, or a :class:`TokenReducer` instance.
+        **settings: the method's settings.
+
+    Returns:
+        :class:`ReducedViT`; ``reduced(images)`` -> the model's output. At a no-reduction setting (ToMe
+        ``r=0``, EViT ``keep_ratio=1.0``) the output equals the unpruned model's exactly.
+
+    Raises:
+        ValueError: unknown method or setting; settings the model's token count cannot take (ToMe: ``r`` above
+            half the unprotected tokens at some block; EViT: ``keep_ratio`` outside (0, 1], ``blocks`` out of
+            range), checked here for the model's default image size and at forward for other sizes.
+        UnsupportedModelError (TypeError): not a timm VisionTransformer with SDPA on; EViT on a model without
+            a class token.
+    """
+    reducer = _make_reducer(method, settings)
+    _require_reducible(model)
+    img = getattr(model.patch_embed, "img_size", None)
+    reducer.bind(model, token_layout(model, tuple(img) if img is not None else (224, 224)))
+    return ReducedViT(model, reducer)
