@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -15,9 +17,28 @@ from .capture import (
 )
 from .ops import attention_rollout, grad_attention_rollout
 from .reference import HEAD_FUSIONS, NORMALIZATIONS
-from .reference.rollout import real_scalar
+from .reference.rollout import normalize_maps, real_scalar
 
 __all__ = ["AttentionRollout", "RolloutResult"]
+
+FLAT_SPREAD = 1e-4  # (max - min) / max of an unnormalised map below this: the map is flat
+_warned_flat = False
+
+
+def _warn_if_flat(raw: torch.Tensor, has_class_token: bool) -> None:
+    """Warn once per process when every gradient-rollout map in ``raw`` (B, gh, gw, unnormalised) is flat."""
+    global _warned_flat
+    flat = raw.reshape(raw.shape[0], -1)
+    hi, lo = flat.amax(dim=1), flat.amin(dim=1)
+    if _warned_flat or not bool(((hi - lo) <= FLAT_SPREAD * hi.abs()).all()):
+        return
+    _warned_flat = True
+    why = ("this model has no class token: its logits pool every token alike, so the gradient-weighted "
+           "attention is negligible next to the residual identity" if not has_class_token else
+           "the gradient-weighted attention is negligible next to the residual identity")
+    warnings.warn(f"grad_rollout: the maps are flat (relative spread below {FLAT_SPREAD:g}): {why}. Use plain "
+                  "attention rollout (AttentionRollout(model)(images), readout 'mean' for models without a class "
+                  "token) instead", UserWarning, stacklevel=3)
 
 
 class RolloutResult(tuple):
@@ -179,6 +200,11 @@ class AttentionRollout:
             ValueError: bad ``images``; ``targets`` of the wrong shape or outside [0, num_classes).
             TypeError: ``targets`` not integers.
 
+        Warns:
+            UserWarning (once): the gradient-weighted attention is negligible next to the residual identity,
+            so the maps are flat (relative spread below 1e-4); typical of models without a class token
+            (global average pooling, SigLIP) and of untrained models.
+
         Source: REFERENCE.md section 2 (jacobgil/vit-explain's grad rollout with its layer order fixed).
         """
         layout = self._layout(images)
@@ -187,10 +213,11 @@ class AttentionRollout:
         self.last_capture = f"grad:{cap.path}"
         self.last_layer_captures = ()
         self._check_tokens(cap.attentions.shape[-1], layout)
-        maps = grad_attention_rollout(cap.attentions, cap.gradients, discard_ratio=self.discard_ratio,
-                                      num_prefix_tokens=layout.num_prefix_tokens, grid=layout.grid,
-                                      readout=self.readout, normalize=self.normalize, backend=self.backend)
-        return RolloutResult(maps, cap.output)
+        raw = grad_attention_rollout(cap.attentions, cap.gradients, discard_ratio=self.discard_ratio,
+                                     num_prefix_tokens=layout.num_prefix_tokens, grid=layout.grid,
+                                     readout=self.readout, normalize=None, backend=self.backend)
+        _warn_if_flat(raw, layout.has_class_token)
+        return RolloutResult(normalize_maps(raw, self.normalize), cap.output)
 
     def grad_rollout(self, images: torch.Tensor, targets=None) -> torch.Tensor:
         """Gradient rollout maps ``(B, gh, gw)`` float32; see :meth:`explain_grad`."""

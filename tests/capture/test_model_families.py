@@ -159,3 +159,36 @@ def test_attention_that_cannot_be_reproduced_is_refused():
             AttentionRollout(model, capture=capture)(_images(size))
     with pytest.raises(UnsupportedModelError, match=r"blocks\[1\].*causal"):
         AttentionRollout(model).grad_rollout(_images(size))
+
+
+def test_flat_grad_rollout_warns_once():
+    """Issue 12: grad rollout of a model without a class token came out flat (1/G everywhere) silently."""
+    import warnings
+
+    import rollout_fast.explain as ex
+
+    model, size, _, _ = build("gap_no_cls")
+    ex._warned_flat = False
+    explainer = AttentionRollout(model)
+    with pytest.warns(UserWarning, match="flat.*no class token.*AttentionRollout"):
+        maps = explainer.grad_rollout(_images(size))
+    assert (maps.amax() - maps.amin()) < 1e-3  # the warning is true
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explainer.grad_rollout(_images(size))  # once
+
+
+def test_informative_grad_rollout_does_not_warn():
+    import warnings
+
+    from helpers import peaky_vit
+
+    import rollout_fast.explain as ex
+
+    ex._warned_flat = False
+    model = peaky_vit(lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                                                num_classes=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        maps = AttentionRollout(model).grad_rollout(torch.randn(2, 3, 32, 32))
+    assert maps.std() > 0.01
