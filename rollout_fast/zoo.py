@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_weights
-from .models import create_vit
+from .models import create_model
 from .students.factory import create_student
 from .students.model import RolloutStudent
 
@@ -52,7 +52,7 @@ def teacher_card(name: str = "cifar10-vit") -> dict:
 
 
 def _from_card(card: dict, weights: Path) -> tuple[nn.Module, dict]:
-    model = create_vit(card["arch"])
+    model = create_model(card["arch"])  # a timm ViT, or an AttnVGG for arch type 'attnvgg'
     state = load_weights(weights)
     model.load_state_dict(state, strict=True)
     data_config = dict(card["data_config"])

@@ -214,3 +214,20 @@ def test_resume_accepts_a_checkpoint_from_before_a_config_field_was_added(tiny_c
     with pytest.raises(ValueError, match="optimizer"):
         train_teacher(tiny_cifar, run, replace(_cfg(1), optimizer="sgd"), device="cpu", progress=False,
                       resume=True)
+
+
+def test_a_trained_ltpa_model_loads_through_load_teacher(tiny_cifar, tmp_path):
+    from dataclasses import replace
+
+    from rollout_fast.teacher import RECIPES
+
+    cfg = replace(RECIPES["cifar10-ltpa"], epochs=1, batch_size=8, workers=0,
+                  arch=dict(RECIPES["cifar10-ltpa"].arch, width=1 / 16))
+    train_teacher(tiny_cifar, tmp_path / "ltpa", cfg, device="cpu", progress=False)
+    model, data_config = load_teacher(str(tmp_path / "ltpa" / "teacher.safetensors"))
+    state = load_training_state(tmp_path / "ltpa" / "last.pt")["model"]
+    assert type(model).__name__ == "AttnVGG" and data_config["input_size"] == (3, 32, 32)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    logits, maps = model(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and len(maps) == 3
