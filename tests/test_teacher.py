@@ -231,3 +231,16 @@ def test_a_trained_ltpa_model_loads_through_load_teacher(tiny_cifar, tmp_path):
         assert torch.equal(v, state[k]), k
     logits, maps = model(torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 10) and len(maps) == 3
+
+
+def test_train_teacher_cli_takes_arch_overrides(tiny_cifar, tmp_path):
+    from rollout_fast.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train-teacher", "--data", str(tiny_cifar), "--out", str(out), "--recipe", "cifar10-ltpa",
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress", "--device", "cpu",
+                 "--arch", "variant=dp-sigmoid-after", "--arch", "width=0.0625"]) == 0
+    card = json.loads((out / "teacher.json").read_text())
+    assert card["arch"]["variant"] == "dp-sigmoid-after" and card["arch"]["width"] == 0.0625
+    assert main(["train-teacher", "--data", str(tiny_cifar), "--out", str(tmp_path / "x"),
+                 "--arch", "width"]) == 2

@@ -1,4 +1,5 @@
-"""``rollout-fast train-teacher``: train a ViT teacher on an ImageFolder dataset."""
+"""``rollout-fast train-teacher``: train a classifier (a ViT teacher, or a Learn to Pay Attention model) on an
+ImageFolder dataset."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import argparse
 
 
 def register(subparsers) -> None:
-    t = subparsers.add_parser("train-teacher", help="train a ViT teacher on an ImageFolder dataset")
+    t = subparsers.add_parser("train-teacher", help="train a ViT teacher (or an LTPA classifier) on an ImageFolder")
     t.add_argument("--data", required=True, help="ImageFolder root with train/ and test/ (or val/)")
     t.add_argument("--out", required=True, help="output folder (checkpoints, log, weights, card)")
     t.add_argument("--recipe", default="cifar10-vit",
-                   help="cifar10-vit (default) | imagenette-vit | a JSON file of TeacherConfig fields; "
-                        "the options below override it")
+                   help="cifar10-vit (default) | imagenette-vit | cifar10-ltpa | imagenette-ltpa | a JSON file "
+                        "of TeacherConfig fields; the options below override it")
     t.add_argument("--name", default=None, help="model name recorded in the card")
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
@@ -26,6 +27,9 @@ def register(subparsers) -> None:
     t.add_argument("--embed-dim", type=int, default=None)
     t.add_argument("--num-heads", type=int, default=None)
     t.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    t.add_argument("--arch", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other architecture argument (VALUE read as JSON, else a string), e.g. "
+                        "--arch variant=dp-sigmoid-after --arch width=0.25; repeatable")
     t.add_argument("--init-from", default=None, metavar="WEIGHTS",
                    help="start from these teacher weights (.safetensors) instead of a random init")
     t.add_argument("--seed", type=int, default=None)
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
                               ("depth", args.depth), ("embed_dim", args.embed_dim),
                               ("num_heads", args.num_heads), ("drop_path_rate", args.drop_path))
             if v is not None}
+    arch.update(_arch_overrides(args.arch))
     cfg = load_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
                       workers=args.workers, init_from=args.init_from, augment=args.augment, name=args.name)
@@ -51,3 +56,23 @@ def run(args: argparse.Namespace) -> int:
                          progress=not args.no_progress)
     print(f"{card['eval_split']} top-1 {card['test_top1']:.4f}; weights and card in {args.out}")
     return 0
+
+
+def _arch_overrides(items: list[str]) -> dict:
+    """``["variant=pc-softmax-after", "width=0.5"]`` -> ``{"variant": "pc-softmax-after", "width": 0.5}``.
+
+    Raises:
+        ValueError: an item without ``=`` (names ``--arch``).
+    """
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--arch: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
