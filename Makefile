@@ -1,13 +1,18 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
 # Both create .venv at the repo root when missing and install the project into it.
+# `make gpu-check` (benchmarks/gpu_check.py) is the one prepared check for a machine with a GPU.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 DEMO_OUT ?= demo_out
 STAMP  := $(VENV)/.installed
+# gpu-check runs with .venv's python where there is one, else $(PYTHON): the GPU machine has no .venv but a
+# python3 with torch, triton, timm and pytest installed (nothing can be downloaded there)
+GPU_CHECK_PY   ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +30,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Build in place for the device's arch, the tests that skip on the CPU, every benchmark, within 8 minutes;
+# results in $$GPU_CHECK_OUT, else $$OUT, else benchmarks/results/<date>-<device>/. Without a GPU: the build
+# and a dry run of every step. E.g. make gpu-check GPU_CHECK_ARGS="--dry-run --skip-build"
+gpu-check:
+	$(GPU_CHECK_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_OUT)

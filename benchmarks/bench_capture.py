@@ -17,11 +17,11 @@ L 12, H 6, N 197), batch ``--batch`` in ``--dtype``. Providers, each the whole c
 - ``grad``: ``AttentionRollout(model).grad_rollout(images)`` (class-specific gradient rollout: a forward
   and a backward pass to the attention; informative, no target).
 
-Times: wall-clock median (and 25-75% quantiles) of ``--reps`` calls after ``--warmup`` calls, CUDA
-synchronised, all providers in one run.
+Times: wall-clock median (and 25-75% quantiles) of ``--reps`` calls after ``--warmup`` calls (``--slow-reps``
+calls after at most one warm-up for ``vit-explain`` and ``grad``), CUDA synchronised, all providers in one run.
 
 Peak memory, "extra" = the provider's peak over the plain forward's peak:
-- CUDA: ``torch.cuda.max_memory_allocated()`` during one call minus the allocation before it.
+- CUDA: ``torch.cuda.max_memory_allocated()`` during the last timed call minus the allocation before it.
 - CPU, ``--memory-method profiler`` (default): one call under ``torch.profiler`` with ``profile_memory=True``;
   the peak of live tensor bytes over the allocation timeline (``torch.profiler._memory_profiler.MemoryProfile``,
   each tensor's creation and destruction). Exact for tensors, blind to allocator caching; it uses a private
@@ -42,6 +42,10 @@ Usage::
     python benchmarks/bench_capture.py --device cuda --dtype bfloat16 --batch 256
     python benchmarks/bench_capture.py --batch 4 --reps 2 --warmup 1 --providers forward fused   # quick check
     python benchmarks/bench_capture.py --csv benchmarks/capture.csv
+    python benchmarks/bench_capture.py --smoke                   # a 2-block 32 px ViT, a few calls
+    python benchmarks/bench_capture.py --device cuda --dry-run   # the plan, then --smoke on CPU
+
+``--json``, ``--budget-s`` and ``--dry-run`` are those of every script (bench_report.py).
 """
 
 from __future__ import annotations
@@ -62,13 +66,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_rollout
+import bench_report  # noqa: E402
+import bench_rollout  # noqa: E402
 
-import rollout_fast
-from rollout_fast import AttentionRollout
+import rollout_fast  # noqa: E402
+from rollout_fast import AttentionRollout  # noqa: E402
 
 PROVIDERS = ("forward", "fused", "qk-hooks", "vit-explain", "grad")
+SLOW = ("vit-explain", "grad")
 TARGETS = {"cuda": 1.15, "cpu": 1.5}
+SMOKE_MODEL = dict(img_size=32, patch_size=8, depth=2)  # --smoke: the --model's width and heads, 17 tokens
 
 
 def build(args):
@@ -76,10 +83,10 @@ def build(args):
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
+    model = timm.create_model(args.model, pretrained=False, **(SMOKE_MODEL if args.smoke else {})).eval()
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
-    cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    images = torch.randn(args.batch, *cfg, device=args.device, dtype=getattr(torch, args.dtype))
+    size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    images = torch.randn(args.batch, *size, device=args.device, dtype=getattr(torch, args.dtype))
     return model, images
 
 
@@ -124,29 +131,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_provider(fn, images, args) -> tuple[float, float, float]:
-    for _ in range(args.warmup):
+def time_provider(fn, images, args, slow: bool = False) -> tuple[tuple[float, float, float], int | None]:
+    """((q25, median, q75) seconds, CUDA peak bytes of the last timed call over the allocation before it, or
+    None off CUDA)."""
+    reps = max(1, min(args.reps, args.slow_reps)) if slow else args.reps
+    for _ in range(min(args.warmup, 1) if slow else args.warmup):
         fn(images)
     _sync(args.device)
-    times = []
-    for _ in range(args.reps):
+    times, peak = [], None
+    for i in range(reps):
+        cuda_last = args.device.startswith("cuda") and i == reps - 1
+        if cuda_last:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         fn(images)
         _sync(args.device)
         times.append(time.perf_counter() - t0)
+        if cuda_last:
+            peak = torch.cuda.max_memory_allocated() - base
     if len(times) < 2:
-        return times[0], times[0], times[0]
+        return (times[0], times[0], times[0]), peak
     q = statistics.quantiles(times, n=4, method="inclusive")
-    return q[0], statistics.median(times), q[2]
-
-
-def cuda_peak(fn, images) -> int:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn(images)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return (q[0], statistics.median(times), q[2]), peak
 
 
 def _status_kib(field: str) -> int | None:
@@ -219,26 +226,46 @@ def cpu_peak(name: str, argv: list[str]) -> int | None:
     return None
 
 
-def run(args, argv: list[str]) -> list[dict]:
+def run(args, argv: list[str], report: bench_report.Report | None = None) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = False
     model, images = build(args)
     L = len(model.blocks)
     N = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
     budget = args.batch * L * N * N * 4
+    clock = bench_report.Budget(args.budget_s)
     rows = []
     for name, (fn, explainer) in providers(model, args).items():
-        q1, med, q3 = time_provider(fn, images, args)
+        if clock.spent():
+            if report:
+                report.stop(f"--budget-s {args.budget_s} spent before provider {name}")
+            break
+        try:
+            (q1, med, q3), cuda_peak_bytes = time_provider(fn, images, args, slow=name in SLOW)
+        except Exception as e:  # noqa: BLE001 - recorded; the other providers still run
+            if report is None:
+                raise
+            report.error(f"provider {name}", e)
+            continue
         peak = None
         if args.no_memory:
             pass
         elif args.device.startswith("cuda"):
-            peak = cuda_peak(fn, images)
+            peak = cuda_peak_bytes
         else:
             peak = profiler_peak(fn, images) if args.memory_method == "profiler" else None
             if peak is None:
                 peak = cpu_peak(name, argv)
         rows.append({"provider": name, "path": explainer.info["last_capture"] if explainer else "-",
                      "median_ms": med * 1e3, "q25_ms": q1 * 1e3, "q75_ms": q3 * 1e3, "peak_bytes": peak})
+        _relative(rows, args, L, N, budget)
+        if report:
+            report.data["rows"] = rows
+            report.flush()
+    return rows
+
+
+def _relative(rows: list[dict], args, L: int, N: int, budget: int) -> None:
+    """Ratios and extra peak over the plain forward's row (NaN / None without one), and the run's settings."""
     base = next((r for r in rows if r["provider"] == "forward"), None)
     for r in rows:
         r["ratio"] = r["median_ms"] / base["median_ms"] if base else float("nan")
@@ -246,7 +273,26 @@ def run(args, argv: list[str]) -> list[dict]:
                             if base and r["peak_bytes"] is not None and base["peak_bytes"] is not None else None)
         r.update(model=args.model, L=L, N=N, B=args.batch, dtype=args.dtype, device=args.device,
                  budget_extra_bytes=budget)
-    return rows
+
+
+def plan(args) -> list[dict]:
+    """What a run with these arguments measures (for ``--dry-run``): shapes and sizes from the model's
+    config, no weights made."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(args.model)
+    size = (cfg.input_size if cfg is not None else None) or (3, 224, 224)
+    with torch.device("meta"):
+        model = timm.create_model(args.model, pretrained=False)
+    L, H = len(model.blocks), model.blocks[0].attn.num_heads
+    N = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
+    itemsize = getattr(torch, args.dtype).itemsize
+    return [{"model": args.model, "L": L, "H": H, "N": N, "B": args.batch, "dtype": args.dtype,
+             "input_mib": round(args.batch * size[0] * size[1] * size[2] * itemsize / 2 ** 20, 1),
+             "fused_budget_mib": round(args.batch * L * N * N * 4 / 2 ** 20, 1),
+             "vit_explain_maps_mib": round(args.batch * L * H * N * N * itemsize / 2 ** 20, 1),
+             "providers": "/".join(args.providers),
+             "reps": f"{args.reps} after {args.warmup} ({args.slow_reps} for {'/'.join(SLOW)})"}]
 
 
 def _mib(x) -> str:
@@ -304,25 +350,39 @@ def main(argv=None) -> int:
     p.add_argument("--memory-method", default="profiler", choices=["profiler", "rss"],
                    help="CPU peak memory: tensor allocations (torch.profiler, default) or process RSS")
     p.add_argument("--csv", default=None, metavar="PATH", help="append the rows to this CSV file")
+    p.add_argument("--slow-reps", type=int, default=3, help=f"timed calls for {' and '.join(SLOW)}")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"the model at {SMOKE_MODEL} (random weights), batch <= 4, 2 calls (a quick check)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    bench_report.add_arguments(p)
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and not args.dry_run:
         p.error("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.batch = args.batch or (256 if args.device.startswith("cuda") else 32)
+    the_plan = [] if args.memory_child else plan(args)
+    if args.dry_run:
+        bench_report.print_plan("bench_capture", the_plan)
+        args.device, args.smoke = "cpu", True
+    if args.smoke:
+        args.batch, args.reps, args.slow_reps, args.warmup = min(args.batch, 4), min(args.reps, 2), 1, 1
     if args.memory_child:
         memory_child(args)
         return 0
-    rows = run(args, argv)
+    report = bench_report.Report(args.json, "bench_capture.py", argv, dry_run=args.dry_run, plan=the_plan,
+                                 env=environment(args), table=table)
+    rows = run(args, argv, report)
+    report.finish(verdict=verdict(rows, args))
+    code = report.exit_code()
     env = environment(args)
     print(f"# {args.model} B={args.batch} {args.dtype} on {args.device}; head_fusion {args.head_fusion}, "
           f"discard {args.discard_ratio}; median of {args.reps} after {args.warmup} warm-up calls")
     print("# " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print(table(rows))
     print(verdict(rows, args))
-    if args.csv:
+    if args.csv and rows:
         path = Path(args.csv)
         new = not path.exists()
         with path.open("a", newline="") as f:
@@ -331,7 +391,7 @@ def main(argv=None) -> int:
                 w.writeheader()
             for r in rows:
                 w.writerow({**r, **env})
-    return 0
+    return code
 
 
 if __name__ == "__main__":

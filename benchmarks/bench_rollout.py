@@ -24,6 +24,11 @@ Usage::
     python benchmarks/bench_rollout.py --device cuda --dtype float16 --batches 1 8 32 256
     python benchmarks/bench_rollout.py --smoke               # tiny shapes, a few repetitions
     python benchmarks/bench_rollout.py --write --csv benchmarks/results.csv
+    python benchmarks/bench_rollout.py --device cuda --dtype bfloat16 --batches 256 32 1 --batch-major \
+        --loop-max-batch 32 --max-gib 60 --budget-s 60 --json /tmp/rollout.json     # gpu_check.py's step
+    python benchmarks/bench_rollout.py --device cuda --batches 256 --dry-run       # the plan, then --smoke on CPU
+
+``--json``, ``--budget-s`` and ``--dry-run`` are those of every script (bench_report.py).
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ from pathlib import Path
 
 import torch
 
-import rollout_fast
-from rollout_fast import reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_report  # noqa: E402
+
+import rollout_fast  # noqa: E402
+from rollout_fast import reference  # noqa: E402
 
 MODELS = {  # name: (L, H, N)
     "DeiT-S": (12, 6, 197),
@@ -54,10 +62,15 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def make_attention(L: int, B: int, H: int, N: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """(L, B, H, N, N) softmax attention of random logits (rows sum to 1)."""
+    """(L, B, H, N, N) softmax attention of random logits (rows sum to 1), made one layer at a time so the
+    peak is the output plus two float32 layers (ViT-B/384 at batch 256 is 49 GB of float32)."""
     g = torch.Generator(device=device).manual_seed(0)
-    logits = torch.randn(L, B, H, N, N, generator=g, device=device, dtype=torch.float32) * 2.0
-    return logits.softmax(-1).to(dtype)
+    out = torch.empty(L, B, H, N, N, device=device, dtype=dtype)
+    for layer in range(L):
+        logits = torch.randn(B, H, N, N, generator=g, device=device, dtype=torch.float32).mul_(2.0)
+        out[layer] = logits.softmax(-1)
+        del logits
+    return out
 
 
 def loop_rollout(att: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
@@ -114,11 +127,11 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(times), q[2]
 
 
-def providers(device: str, head_fusion: str, discard: float, readout: str) -> dict:
-    """name -> fn(att) for every provider available on ``device``."""
+def providers(device: str, head_fusion: str, discard: float, readout: str, loop: bool = True) -> dict:
+    """name -> fn(att) for every provider available on ``device`` (``loop``: include the per-sample loop)."""
     kw = dict(head_fusion=head_fusion, discard_ratio=discard, readout=readout)
     out = {"reference": lambda a: reference.attention_rollout(a, **kw)}
-    if readout == "cls" and not os.environ.get("ROLLOUT_BENCH_NO_LOOP"):
+    if loop and readout == "cls" and not os.environ.get("ROLLOUT_BENCH_NO_LOOP"):
         out["loop"] = lambda a: loop_rollout(a, head_fusion, discard)
     probe = make_attention(1, 1, 1, 5, torch.float32, device)
     for name in ("cpu", "cuda", "triton"):
@@ -128,6 +141,8 @@ def providers(device: str, head_fusion: str, discard: float, readout: str) -> di
             rollout_fast.attention_rollout(probe, backend=name)
         except ValueError:
             continue
+        except Exception as e:  # noqa: BLE001 - it should run here but fails: keep it, so its error is recorded
+            print(f"# provider {name} failed its probe: {type(e).__name__}: {e}", file=sys.stderr)
         out[name] = (lambda n: lambda a: rollout_fast.attention_rollout(a, backend=n, **kw))(name)
     if "cpu" in out or "cuda" in out:  # the registered op alone: no Python validation pass
         out[f"{'cpu' if 'cpu' in out else 'cuda'}-op"] = lambda a: torch.ops.rollout_fast.rollout(
@@ -136,34 +151,82 @@ def providers(device: str, head_fusion: str, discard: float, readout: str) -> di
     return out
 
 
-def run(args) -> list[dict]:
+def shapes(args) -> list[tuple[str, int, int, int, int]]:
+    """(model, L, H, N, B) in measuring order: model-major, or batch-major with ``--batch-major`` (the batch-256
+    targets first, so a run cut short by its budget still has them)."""
+    models = SMOKE_MODELS if args.smoke else {m: MODELS[m] for m in args.models}
+    pairs = [(m, B) for B in args.batches for m in models] if args.batch_major else \
+        [(m, B) for m in models for B in args.batches]
+    return [(m, *models[m], B) for m, B in pairs]
+
+
+def _gib(L: int, B: int, H: int, N: int, dtype: torch.dtype) -> float:
+    return L * B * H * N * N * dtype.itemsize / 2 ** 30
+
+
+def plan(args) -> list[dict]:
+    """What a run with these arguments measures (for ``--dry-run``; no tensors are made)."""
+    dtype = getattr(torch, args.dtype)
+    fused = ["cuda", "cuda-op", "triton"] if args.device.startswith("cuda") else ["cpu", "cpu-op"]
+    out = []
+    for model, L, H, N, B in shapes(args):
+        gib = _gib(L, B, H, N, dtype)
+        loop = args.readout == "cls" and (args.loop_max_batch is None or B <= args.loop_max_batch)
+        provs = ["reference", *(["loop"] if loop else []), *fused, "floor"]
+        out.append({"model": model, "L": L, "H": H, "N": N, "B": B, "dtype": args.dtype, "gib": round(gib, 2),
+                    "providers": "/".join(provs) if gib <= args.max_gib else f"skipped (> --max-gib {args.max_gib})",
+                    "reps": f"{args.reps} ({args.slow_reps} for reference/loop)"})
+    return out
+
+
+def run(args, report: bench_report.Report | None = None) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
-    models = SMOKE_MODELS if args.smoke else {m: MODELS[m] for m in args.models}
+    budget = bench_report.Budget(args.budget_s)
     rows = []
-    for model, (L, H, N) in models.items():
-        for B in args.batches:
-            gib = L * B * H * N * N * dtype.itemsize / 2 ** 30
-            if gib > args.max_gib:
-                print(f"# skip {model} B={B}: {gib:.1f} GiB of attention > --max-gib {args.max_gib}",
-                      file=sys.stderr)
-                continue
+    for model, L, H, N, B in shapes(args):
+        if budget.spent():
+            if report:
+                report.stop(f"--budget-s {args.budget_s} spent before {model} B={B}")
+            break
+        gib = _gib(L, B, H, N, dtype)
+        if gib > args.max_gib:
+            print(f"# skip {model} B={B}: {gib:.1f} GiB of attention > --max-gib {args.max_gib}", file=sys.stderr)
+            continue
+        try:
             att = make_attention(L, B, H, N, dtype, args.device)
-            provs = providers(args.device, args.head_fusion, args.discard, args.readout)
-            res = {}
-            for name, fn in provs.items():
-                slow = name in ("reference", "loop")
-                reps = max(1, min(args.reps, args.slow_reps)) if slow else args.reps
+        except Exception as e:  # noqa: BLE001 - recorded; the next shape may fit
+            if report is None:
+                raise
+            report.error(f"{model} B={B} inputs", e)
+            continue
+        loop = args.loop_max_batch is None or B <= args.loop_max_batch
+        provs = providers(args.device, args.head_fusion, args.discard, args.readout, loop=loop)
+        res = {}
+        for name, fn in provs.items():
+            slow = name in ("reference", "loop")
+            reps = max(1, min(args.reps, args.slow_reps)) if slow else args.reps
+            try:
                 res[name] = _quantiles(measure(lambda: fn(att), args.device, reps, 1 if slow else args.warmup))
-            ref_t, floor_t = res["reference"][1], res["floor"][1]
-            for name, (q1, med, q3) in res.items():
-                rows.append(dict(model=model, L=L, H=H, N=N, B=B, dtype=args.dtype, device=args.device,
-                                 discard=args.discard, head_fusion=args.head_fusion, readout=args.readout,
-                                 provider=name, median_ms=med * 1e3, q25_ms=q1 * 1e3, q75_ms=q3 * 1e3,
-                                 speedup_vs_reference=ref_t / med, x_floor=med / floor_t,
-                                 gib=gib))
-            del att
+            except Exception as e:  # noqa: BLE001 - recorded; the other providers still run
+                if report is None:
+                    raise
+                report.error(f"{model} B={B} {name}", e)
+        nan = float("nan")
+        ref_t, floor_t = res.get("reference", (nan,) * 3)[1], res.get("floor", (nan,) * 3)[1]
+        group = []
+        for name, (q1, med, q3) in res.items():
+            group.append(dict(model=model, L=L, H=H, N=N, B=B, dtype=args.dtype, device=args.device,
+                              discard=args.discard, head_fusion=args.head_fusion, readout=args.readout,
+                              provider=name, median_ms=med * 1e3, q25_ms=q1 * 1e3, q75_ms=q3 * 1e3,
+                              speedup_vs_reference=ref_t / med, x_floor=med / floor_t, gib=gib))
+        rows += group
+        if report:
+            report.add(group)
+        del att
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -245,22 +308,37 @@ def main(argv=None) -> int:
                    help=f"write the table as markdown (default path {RESULTS.name} beside this script)")
     p.add_argument("--note", default="", help="a line written under the table's header (e.g. load)")
     p.add_argument("--csv", default=None, metavar="PATH", help="append the rows to this CSV file")
+    p.add_argument("--loop-max-batch", type=int, default=None, metavar="B",
+                   help="time the per-sample loop only at batches <= B (default: every batch)")
+    p.add_argument("--batch-major", action="store_true",
+                   help="measure every model at the first batch size, then the next (default: model by model)")
+    bench_report.add_arguments(p)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and not args.dry_run:
         p.error("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.batches = args.batches or ([1, 8, 32, 256] if args.device.startswith("cuda") else [1, 8, 32])
+    the_plan = plan(args)
+    if args.dry_run:
+        bench_report.print_plan("bench_rollout", the_plan)
+        args.device, args.smoke = "cpu", True
+        args.reps, args.slow_reps, args.warmup = min(args.reps, 2), 1, 1
     if args.smoke:
         args.batches = [b for b in args.batches if b <= 8] or [1]
-    rows = run(args)
+    report = bench_report.Report(args.json, "bench_rollout.py", argv, dry_run=args.dry_run, plan=the_plan,
+                                 env=environment(args), table=table)
+    rows = run(args, report)
+    report.finish()
     print(table(rows))
+    code = report.exit_code()
     if args.write:
         write_results(Path(args.write), rows, args, args.note)
     if args.csv:
         append_csv(Path(args.csv), rows, args)
-    return 0
+    return code
 
 
 if __name__ == "__main__":
