@@ -24,9 +24,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*)
 
 install: $(STAMP)
 
+# The demo's images: 20 CIFAR-10 test images from $(SHARED), or, where $(SHARED) is absent, the five sample
+# photographs shipped in the package (rollout_fast/assets/samples, public domain / CC0).
+DEMO_IMAGES = $(or $(wildcard $(SHARED)/data/cifar10/test/*/000[0-1].jpg),rollout_fast/assets/samples)
+
 demo: $(STAMP)
-	@test -d $(SHARED)/data/cifar10/test || { echo "make demo: $(SHARED)/data/cifar10/test not found (set SHARED=/path/to/shared)"; exit 1; }
-	$(VENV)/bin/rollout-fast rollout $(wildcard $(SHARED)/data/cifar10/test/*/000[0-1].jpg) --student --out $(DEMO_OUT)
+	@test -d $(SHARED)/data/cifar10/test || echo "make demo: $(SHARED)/data/cifar10/test not found: using the sample photographs shipped in rollout_fast/assets/samples"
+	$(VENV)/bin/rollout-fast rollout $(DEMO_IMAGES) --student --overwrite --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
