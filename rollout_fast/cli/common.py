@@ -1,4 +1,4 @@
-"""Options and helpers shared by the commands that load a teacher (``rollout``, ``eval-teacher``)."""
+"""Options and helpers shared by the commands (model options of ``rollout`` and ``eval-teacher``; KEY=VALUE lists)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,23 @@ def load_model(args):
 
     return load_teacher(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                         device=device(args.device))
+
+
+def key_values(items: list[str], option: str) -> dict:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``: each VALUE read as JSON, else kept as a string.
+
+    Raises:
+        ValueError: an item without ``KEY=`` (the message names ``option``).
+    """
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option}: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

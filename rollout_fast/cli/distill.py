@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from .. import distill as _distill
 from ..distill import LOSSES, TARGETS, DistillConfig
 from ..students import STRATEGIES, student_archs
+from .common import key_values
 
 __all__ = ["add_arguments", "config_from_args", "register", "run"]
 
@@ -77,15 +77,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     Raises:
         ValueError: a malformed ``--student-option`` (not KEY=JSON).
     """
-    options = {}
-    for item in args.student_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--student-option: expected KEY=JSON, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    options = key_values(args.student_option, "--student-option")
     return DistillConfig(
         teacher=args.teacher, student=args.student, strategy=args.strategy, factor=args.factor,
         loss=args.loss, target=args.target, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,

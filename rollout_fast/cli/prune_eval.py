@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from .common import key_values
 
 __all__ = ["register", "run"]
 
@@ -97,7 +98,7 @@ def _options(args: argparse.Namespace) -> dict:
     bad = [s for s in scorers if s not in SCORERS]
     if bad or not scorers:
         raise ValueError(f"--scorers: expected names from {SCORERS}, got {args.scorers!r}")
-    timm_kwargs = _timm_kwargs(args.timm_arg)
+    timm_kwargs = key_values(args.timm_arg, "--timm-arg")
     if args.seeds < 1:
         raise ValueError("--seeds: expected >= 1")
     if args.threads is not None and args.threads < 1:
@@ -115,19 +116,6 @@ def _parse_floats(text: str, what: str) -> list[float]:
     if not vals:
         raise ValueError(f"{what}: empty list")
     return vals
-
-
-def _timm_kwargs(items: list[str]) -> dict:
-    kwargs = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise ValueError(f"--timm-arg: expected KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = json.loads(val)
-        except json.JSONDecodeError:
-            kwargs[key] = val
-    return kwargs
 
 
 def _student(args: argparse.Namespace):

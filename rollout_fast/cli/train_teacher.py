@@ -42,12 +42,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..teacher import load_recipe, train_teacher
+    from .common import key_values
 
     arch = {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size),
                               ("depth", args.depth), ("embed_dim", args.embed_dim),
                               ("num_heads", args.num_heads), ("drop_path_rate", args.drop_path))
             if v is not None}
-    arch.update(_arch_overrides(args.arch))
+    arch.update(key_values(args.arch, "--arch"))
     cfg = load_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
                       workers=args.workers, init_from=args.init_from, augment=args.augment, name=args.name)
@@ -57,22 +58,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"{card['eval_split']} top-1 {card['test_top1']:.4f}; weights and card in {args.out}")
     return 0
 
-
-def _arch_overrides(items: list[str]) -> dict:
-    """``["variant=pc-softmax-after", "width=0.5"]`` -> ``{"variant": "pc-softmax-after", "width": 0.5}``.
-
-    Raises:
-        ValueError: an item without ``=`` (names ``--arch``).
-    """
-    import json
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--arch: expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
