@@ -221,13 +221,20 @@ def child_env(dry: bool, extra: dict | None = None) -> dict:
     return env
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """A step's process (its own process group, output captured), started now, waited for later."""
 
     def __init__(self, argv: list[str], env: dict):
         self.t0 = time.monotonic()
+        # SIGINT back to its default in the child: a parent started in the background (nohup, `cmd &`) ignores
+        # it, the child would inherit that, and pytest would not write its junit file at the step's limit
         self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, errors="replace", start_new_session=True)
+                                     text=True, errors="replace", start_new_session=True,
+                                     preexec_fn=_default_sigint)
 
     def wait(self, timeout: float) -> tuple[int | None, str, float, bool]:
         """(return code, output, seconds, timed out), ``timeout`` counted from the start: SIGINT to the process
