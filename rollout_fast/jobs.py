@@ -130,7 +130,15 @@ def _batches(files: Sequence, transform, batch_size: int, skipped: list, bar):
 
 class _RolloutWriter:
     """Collects the maps of each batch, writes the overlays as it goes and ``rollout.npz`` + ``grid.png`` at
-    the end (:meth:`finish`)."""
+    the end (:meth:`finish`).
+
+    Overlays are drawn and encoded by a pool of :attr:`WORKERS` threads (numpy/PIL release the GIL) while the
+    next batch is explained; at most :attr:`MAX_PENDING` wait. A worker's error is raised in the calling
+    thread (by the next :meth:`add` or by :meth:`finish`); :meth:`finish` waits for every overlay before the
+    grid; :meth:`close` cancels what is left (an error elsewhere) and waits for the running writes."""
+
+    WORKERS = 2
+    MAX_PENDING = 64
 
     def __init__(self, out: Path, data_config: dict, names: list[str] | None, method: str, overlays: bool,
                  earlier: Sequence[Path] = (), bar=None):
@@ -140,6 +148,42 @@ class _RolloutWriter:
         self.data_config, self.names, self.method, self.overlays = data_config, names, method, overlays
         self.maps, self.classes, self.probs, self.targets, self.student_maps = [], [], [], [], []
         self.shown: list[tuple] = []
+        self.pool, self.pending = None, []
+
+    def _overlay(self, image: np.ndarray, rollout_map: np.ndarray, path: Path, title: str) -> None:
+        """Queue one overlay PNG for the writer threads."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .viz import overlay_renderer
+
+        if self.pool is None:
+            self.renderer = overlay_renderer(image.shape[:2])  # its frame drawn here, once
+            self.pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="rollout-overlay")
+        self.pending.append(self.pool.submit(self.renderer.save, image, rollout_map, path, title))
+        self.result.overlays.append(path)
+
+    def _collect(self, wait: bool = False) -> None:
+        """Count the written overlays on the bar (one step per file) and raise a writer's error; ``wait``: all
+        of them, else those done (first waiting for the oldest beyond MAX_PENDING)."""
+        from concurrent.futures import as_completed
+        from concurrent.futures import wait as wait_for
+
+        if wait:
+            done = as_completed(list(self.pending))  # the bar advances as each is written
+        else:
+            wait_for(self.pending[:max(0, len(self.pending) - self.MAX_PENDING)])
+            done = [f for f in self.pending if f.done()]
+        for f in done:
+            self.pending.remove(f)
+            f.result()  # a writer's exception, raised here
+            if self.bar is not None:
+                self.bar.update(1)
+
+    def close(self) -> None:
+        """Cancel the queued overlays and wait for those being written (no thread writes after the job)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     def _label(self, c: int) -> str:
         return self.names[c] if self.names else str(c)
@@ -147,7 +191,7 @@ class _RolloutWriter:
     def add(self, x: torch.Tensor, files: Sequence, maps: torch.Tensor, logits: torch.Tensor,
             target: int | None, student_maps: torch.Tensor | None) -> None:
         from .checkpoint import remove_outputs
-        from .viz import denormalize, save_overlay
+        from .viz import denormalize
 
         if self.earlier:
             remove_outputs(self.result.out, self.earlier)
@@ -164,13 +208,14 @@ class _RolloutWriter:
             if self.method == "grad":
                 label += f"; grad for {self._label(int(t[i]))}"
             if self.overlays:
-                self.result.overlays.append(save_overlay(
-                    imgs[i], maps_np[i], self.result.out / "overlays" / f"{idx:05d}_{Path(f).stem}.png",
-                    title=f"{Path(f).name}: {label} ({float(p[i]):.2f})"))
+                self._overlay(imgs[i], maps_np[i], self.result.out / "overlays" / f"{idx:05d}_{Path(f).stem}.png",
+                              f"{Path(f).name}: {label} ({float(p[i]):.2f})")
             if len(self.shown) < 16:
                 self.shown.append((imgs[i], maps_np[i], f"{Path(f).name}: {label}"))
             self.result.files.append(str(f))
-        if self.bar is not None:
+        if self.overlays:
+            self._collect()
+        elif self.bar is not None:
             self.bar.update(len(files))
         self.maps.append(maps_np)
         self.classes.append(c.cpu().numpy())
@@ -181,6 +226,8 @@ class _RolloutWriter:
         from .viz import save_grid
 
         result = self.result
+        self._collect(wait=True)
+        self.close()
         if self.bar is not None:
             self.bar.set_description("rollout: rollout.npz, grid.png")
         result.out.mkdir(parents=True, exist_ok=True)
@@ -274,6 +321,7 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
             raise ValueError(f"images: none of the {len(files)} inputs could be read")
         return writer.finish()
     finally:
+        writer.close()
         bar.close()
 
 

@@ -191,5 +191,52 @@ def test_rollout_progress_covers_the_whole_job(image_files, tmp_path, monkeypatc
         rollout_images([broken, *image_files], tmp_path / "o", _vit(), DATA_CONFIG, batch_size=2, progress=True)
     bar = bars[0]
     assert bar.total == 5 and bar.n == 5 and bar.closed
-    assert seen[:2] == [("explain", 1), ("explain", 3)]  # the skipped file, then the first batch of 2
+    # the skipped file; then the first batch of 2, counted as their overlays are written (by worker threads)
+    assert seen[0] == ("explain", 1) and seen[1][0] == "explain" and 1 <= seen[1][1] <= 3
     assert seen[2][0] == "description" and seen[3] == ("grid", 4)
+
+
+def test_rollout_overlays_are_written_by_threads_and_their_errors_surface(image_files, tmp_path, monkeypatch):
+    """Overlays are encoded in worker threads; a worker's error is raised by rollout_images (not lost), and
+    no writer thread is left running after it returns."""
+    import threading
+
+    from rollout_fast import viz
+
+    save, writers = viz.OverlayRenderer.save, set()
+
+    def spy(self, image, rollout_map, path, title=None):
+        writers.add(threading.current_thread().name)
+        if path.name.startswith("00001_"):
+            raise OSError("disk full (test)")
+        return save(self, image, rollout_map, path, title)
+
+    monkeypatch.setattr(viz.OverlayRenderer, "save", spy)
+    with pytest.raises(OSError, match="disk full"):
+        rollout_images(image_files, tmp_path / "o", _vit(), DATA_CONFIG, batch_size=1, progress=False)
+    assert writers and all(n.startswith("rollout-overlay") for n in writers)
+    assert not any(t.name.startswith("rollout-overlay") for t in threading.enumerate())
+    assert not (tmp_path / "o" / "grid.png").exists()
+
+
+def test_rollout_waits_for_every_overlay_before_the_grid(image_files, tmp_path, monkeypatch):
+    import time
+
+    from rollout_fast import viz
+
+    save, grid = viz.OverlayRenderer.save, viz.save_grid
+    written = []
+
+    def slow(self, image, rollout_map, path, title=None):
+        time.sleep(0.05)
+        written.append(save(self, image, rollout_map, path, title))
+        return written[-1]
+
+    def spy_grid(*a, **k):
+        assert len(written) == 3, "grid drawn before every overlay was written"
+        return grid(*a, **k)
+
+    monkeypatch.setattr(viz.OverlayRenderer, "save", slow)
+    monkeypatch.setattr(viz, "save_grid", spy_grid)
+    res = rollout_images(image_files, tmp_path / "o", _vit(), DATA_CONFIG, batch_size=2, progress=False)
+    assert sorted(written) == sorted(res.overlays) and all(p.is_file() for p in res.overlays)
