@@ -391,8 +391,11 @@ def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: Teach
     _prepare_out(out, resume)
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # Not persistent workers: each epoch's loader iterator draws its workers' base seed from ``gen`` at the
+    # epoch's start (saved in the checkpoint), so a resumed epoch sees the same order and augmentations.
+    # Persistent workers drew it once, at the first epoch run by the process, and carried their RNGs on.
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                              num_workers=cfg.workers, generator=gen, persistent_workers=cfg.workers > 0)
+                              num_workers=cfg.workers, generator=gen)
     eval_loader = DataLoader(eval_set, batch_size=256, num_workers=cfg.workers)
 
     model = _build_model(cfg, dev)
@@ -404,7 +407,8 @@ def train_teacher(data: str | os.PathLike, out: str | os.PathLike, config: Teach
 
     ckpt_path = out / "last.pt"
     start_epoch, rows = _resume(ckpt_path, cfg, model, opt, sched, gen) if resume else (0, [])
-    _write_log(out / "log.csv", rows)
+    if resume:  # drop rows logged after the checkpoint; a fresh run writes no log before its first checkpoint,
+        _write_log(out / "log.csv", rows)  # or a kill in epoch 1 would leave a folder neither mode accepts
 
     test_acc = float("nan")
     for epoch in range(start_epoch, cfg.epochs):

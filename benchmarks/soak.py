@@ -1,0 +1,392 @@
+"""Soak and fault run (issue 18, "Load and faults, measured").
+
+    python benchmarks/soak.py [--data ../shared/data/cifar10] [--limit 2000] [--kills 10] [--out runs/soak]
+
+(a) ``--limit`` real CIFAR-10 test images through :func:`rollout_fast.jobs.rollout_images` with the embedded
+    teacher ``cifar10-vit`` in one process, one batch per call (``--batch`` images, overlays written), RSS
+    (/proc/self/status VmRSS) and open file handles (/proc/self/fd) recorded after each batch.
+(b) the same images through one shared :class:`rollout_fast.AttentionRollout` from ``--threads`` threads
+    (batch i goes to thread i mod T, same batch boundaries as (a)); every map compared with (a)'s; RSS and
+    handles likewise; forward hooks / pre-hooks on every module counted before and after.
+(c) a tiny ``train-teacher`` run (1-block ViT, ``--per-class`` real CIFAR training images per class) launched
+    as a subprocess, SIGKILLed ``--kills`` times at seeded random moments (some of them while a
+    ``last.pt`` write is in progress: killed when its temp file appears) and resumed (``--resume``) each time
+    until it finishes; its final ``last.pt`` (model, optimizer, scheduler, RNG states) and
+    ``teacher.safetensors`` (bytes) are compared with an uninterrupted run's. Once per ``--workers`` value.
+
+Flat: after ``--warmup`` batches, RSS never exceeds its post-warm-up value by more than ``--rss-tol-mb`` and
+the handle count never exceeds its post-warm-up value. Writes ``OUT/soak.json`` and prints a table;
+exit status 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_ARCH = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
+             "--arch", 'embed_layer={"name": "conv_stem", "convs_per_stage": 1}']
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def open_handles() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def sample(done: int) -> dict:
+    return {"images": done, "rss_mb": round(rss_mb(), 2), "fds": open_handles()}
+
+
+def flatness(samples: list[dict], warmup: int, tol_mb: float) -> dict:
+    """start/end/max of RSS and handles, growth after warm-up, slope (MB per 1000 images), flat or not."""
+    rss = np.array([s["rss_mb"] for s in samples])
+    fds = np.array([s["fds"] for s in samples])
+    imgs = np.array([s["images"] for s in samples], dtype=float)
+    w = min(warmup, len(samples) - 1)
+    slope = float(np.polyfit(imgs[w:], rss[w:], 1)[0] * 1000) if len(samples) - w >= 2 else 0.0
+    growth = float(rss[w:].max() - rss[w])
+    return {"rss_start_mb": float(rss[0]), "rss_after_warmup_mb": float(rss[w]), "rss_end_mb": float(rss[-1]),
+            "rss_max_mb": float(rss.max()), "rss_growth_after_warmup_mb": round(growth, 2),
+            "rss_slope_mb_per_1000_images": round(slope, 3), "fds_start": int(fds[0]),
+            "fds_after_warmup": int(fds[w]), "fds_end": int(fds[-1]), "fds_max": int(fds.max()),
+            "warmup_batches": w, "rss_tolerance_mb": tol_mb,
+            "flat": bool(growth <= tol_mb and fds[w:].max() <= fds[w])}
+
+
+def hook_counts(model) -> dict:
+    mods = list(model.modules())
+    return {"forward_hooks": sum(len(m._forward_hooks) for m in mods),
+            "forward_pre_hooks": sum(len(m._forward_pre_hooks) for m in mods),
+            "backward_hooks": sum(len(m._backward_hooks) for m in mods),
+            "training_flags": sum(bool(m.training) for m in mods)}
+
+
+def test_files(data: Path, limit: int) -> list[Path]:
+    """The first ``limit`` test images, taken round-robin over the classes (sorted)."""
+    per_class = [sorted(d.iterdir()) for d in sorted((data / "test").iterdir()) if d.is_dir()]
+    files = [f for group in zip(*per_class) for f in group]
+    if len(files) < limit:
+        raise SystemExit(f"--data: only {len(files)} test images in {data / 'test'}, --limit {limit}")
+    return files[:limit]
+
+
+def soak_single(files, out: Path, model, data_config, batch: int, overlays: bool = True
+                ) -> tuple[np.ndarray, list[dict], float]:
+    """(a): one rollout_images call per batch into one folder (--overwrite); maps, samples, seconds."""
+    from rollout_fast.jobs import rollout_images
+
+    maps, samples = [], [sample(0)]
+    t0 = time.perf_counter()
+    for i in range(0, len(files), batch):
+        res = rollout_images(files[i:i + batch], out, model, data_config, batch_size=batch, progress=False,
+                             overlays=overlays, overwrite=True)
+        if res.skipped:
+            raise SystemExit(f"(a): unreadable images {res.skipped}")
+        with np.load(res.npz) as npz:
+            maps.append(npz["maps"])
+        samples.append(sample(i + len(res.files)))
+    return np.concatenate(maps), samples, time.perf_counter() - t0
+
+
+def soak_threads(files, model, data_config, batch: int, threads: int) -> tuple[np.ndarray, list[dict], float]:
+    """(b): one shared AttentionRollout, batch i on thread i mod ``threads``; maps in file order."""
+    import torch
+    from timm.data import create_transform
+
+    from rollout_fast import AttentionRollout
+    from rollout_fast.data import load_image
+
+    explainer = AttentionRollout(model)
+    transform = create_transform(**data_config)
+    starts = list(range(0, len(files), batch))
+    maps: list = [None] * len(starts)
+    samples, lock, errors = [sample(0)], threading.Lock(), []
+    done = [0]
+
+    def work(t: int) -> None:
+        try:
+            for j in range(t, len(starts), threads):
+                x = torch.stack([transform(load_image(f)) for f in files[starts[j]:starts[j] + batch]])
+                maps[j] = explainer(x).numpy()
+                with lock:
+                    done[0] += len(x)
+                    samples.append(sample(done[0]))
+        except Exception as e:  # noqa: BLE001 (re-raised by the main thread)
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    if errors:
+        raise errors[0]
+    return np.concatenate(maps), samples, time.perf_counter() - t0
+
+
+def run_rollout_soak(args, out: Path) -> dict:
+    import torch
+
+    from rollout_fast import load_teacher
+
+    torch.set_num_threads(args.torch_threads)
+    files = test_files(args.data, args.limit)
+    model, data_config = load_teacher("cifar10-vit")
+    hooks_before = hook_counts(model)
+    ref, samples_a, sec_a = soak_single(files, out / "single", model, data_config, args.batch,
+                                          not args.no_overlays)
+    hooks_mid = hook_counts(model)
+    got, samples_b, sec_b = soak_threads(files, model, data_config, args.batch, args.threads)
+    hooks_after = hook_counts(model)
+    diff = np.abs(got - ref)
+    return {
+        "images": len(files), "batch": args.batch, "threads": args.threads,
+        "single": {**flatness(samples_a, args.warmup, args.rss_tol_mb), "seconds": round(sec_a, 2),
+                   "samples": samples_a},
+        "threaded": {**flatness(samples_b, args.warmup, args.rss_tol_mb), "seconds": round(sec_b, 2),
+                     "samples": samples_b},
+        "maps_shape": list(ref.shape), "maps_max_abs_diff": float(diff.max()),
+        "maps_unequal": int((diff.reshape(len(diff), -1).max(1) > 0).sum()),
+        "maps_equal": bool(np.array_equal(got, ref)),
+        "hooks_before": hooks_before, "hooks_after_single": hooks_mid, "hooks_after_threads": hooks_after,
+        "hooks_unchanged": hooks_before == hooks_mid == hooks_after,
+    }
+
+
+def make_fault_data(src: Path, dst: Path, per_class: int, test_per_class: int) -> Path:
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for d in sorted(p for p in (src / split).iterdir() if p.is_dir()):
+            (dst / split / d.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(d.iterdir())[:n]:
+                shutil.copyfile(f, dst / split / d.name / f.name)
+    return dst
+
+
+def train_cmd(data: Path, out: Path, args, workers: int, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "rollout_fast.cli", "train-teacher", "--data", str(data), "--out", str(out),
+            "--epochs", str(args.epochs), "--batch-size", str(args.train_batch), "--workers", str(workers),
+            "--device", "cpu", "--no-progress", "--seed", "0", *TINY_ARCH, *(["--resume"] if resume else [])]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (a launch and its DataLoader workers)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(p.name))
+    return pids
+
+
+def checkpoint_epoch(run: Path):
+    from rollout_fast.checkpoint import load_training_state
+
+    try:
+        return int(load_training_state(run / "last.pt")["epoch"])
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def launch(cmd, log: Path, kill_after: float | None, in_write: Path | None = None, nth_write: int = 1) -> dict:
+    """Run ``cmd``; SIGKILL its main process after ``kill_after`` s or (``in_write``: the run folder) as soon
+    as the ``nth_write``-th ``.last.pt.*`` temp file (a checkpoint write in progress) appears there. Its
+    DataLoader workers are left to notice on their own (they check their parent every 5 s); any alive
+    6 s later are counted, then killed (the launch's session)."""
+    with open(log, "ab") as err:
+        p = subprocess.Popen(cmd, stdout=err, stderr=err, env=_env(), cwd=REPO, start_new_session=True)
+    t0, killed, seen, writes = time.monotonic(), False, None, set()
+    while p.poll() is None and kill_after is not None:
+        if in_write is not None:
+            writes.update(f.name for f in in_write.glob(".last.pt.*"))
+            seen = max(writes) if len(writes) >= nth_write else None
+        if seen or time.monotonic() - t0 >= kill_after:
+            os.kill(p.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.0005 if in_write is not None else 0.005)
+    rc = p.wait()
+    at = time.monotonic() - t0
+    t1, left = time.monotonic(), session_pids(p.pid)
+    while left and time.monotonic() < t1 + 6:
+        time.sleep(0.05)
+        left = session_pids(p.pid)
+    workers_exit_s = round(time.monotonic() - t1, 2)
+    if left:
+        os.killpg(p.pid, signal.SIGKILL)
+    return {"killed": killed, "at_s": round(at, 3), "rc": rc, "in_checkpoint_write": seen,
+            "workers_gone_after_s": workers_exit_s, "orphans_after_6s": len(left)}
+
+
+def compare_runs(a: Path, b: Path) -> dict:
+    import torch
+
+    from rollout_fast.checkpoint import load_training_state
+
+    sa, sb = load_training_state(a / "last.pt"), load_training_state(b / "last.pt")
+
+    def flat(x, prefix=""):
+        if isinstance(x, dict):
+            return {k2: v2 for k, v in x.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
+        if isinstance(x, (list, tuple)):
+            return {k2: v2 for i, v in enumerate(x) for k2, v2 in flat(v, f"{prefix}{i}.").items()}
+        return {prefix: x}
+
+    diffs = {}
+    for part in ("model", "optimizer", "scheduler", "rng_cpu", "rng_loader", "epoch"):
+        fa, fb = flat(sa[part]), flat(sb[part])
+        bad = [k for k in fa if k not in fb or not (torch.equal(fa[k], fb[k]) if isinstance(fa[k], torch.Tensor)
+                                                    else fa[k] == fb[k])]
+        diffs[part] = sorted(bad + [k for k in fb if k not in fa])
+    weights_equal = (a / "teacher.safetensors").read_bytes() == (b / "teacher.safetensors").read_bytes()
+    return {"last_pt_unequal_entries": {k: v[:5] for k, v in diffs.items() if v},
+            "last_pt_identical": not any(diffs.values()), "teacher_safetensors_identical": weights_equal,
+            "test_top1": [json.loads((r / "teacher.json").read_text())["test_top1"] for r in (a, b)]}
+
+
+def fault_run(args, data: Path, root: Path, workers: int) -> dict:
+    """(c) for one ``workers`` value: an uninterrupted run, then the killed-and-resumed one, compared."""
+    root.mkdir(parents=True)
+    t0 = time.monotonic()
+    ref = launch(train_cmd(data, root / "uninterrupted", args, workers, False), root / "uninterrupted.log",
+                 None, None)
+    t_ref = time.monotonic() - t0
+    if ref["rc"] != 0:
+        raise SystemExit(f"(c): the uninterrupted run failed, see {root / 'uninterrupted.log'}")
+    rows = (root / "uninterrupted" / "log.csv").read_text().splitlines()[1:]
+    train_s = max(sum(float(r.split(",")[-1]) for r in rows), 0.5)
+    startup = max(t_ref - train_s, 0.5)  # start-up, final evaluation and writes
+    rng = random.Random(args.seed * 1000 + workers)
+    in_write = set(rng.sample(range(args.kills), max(1, args.kills * 3 // 10)))
+    run, kills, launches = root / "killed", [], 0
+    while True:
+        epoch = checkpoint_epoch(run)
+        cmd = train_cmd(data, run, args, workers, epoch is not None)
+        left = args.epochs - (epoch or 0)
+        if len(kills) < args.kills:  # a random moment of this launch's expected duration
+            mode = "in-write" if len(kills) in in_write else "timed"
+            delay = rng.uniform(0.1, 0.95) * (startup + train_s * left / args.epochs)
+            nth = rng.randint(1, max(1, left - 1))
+            fallback = 0.95 * (startup + train_s * left / args.epochs)  # the write was missed
+            r = launch(cmd, root / "killed.log", delay if mode == "timed" else fallback,
+                       run if mode == "in-write" else None, nth)
+        else:
+            mode, delay = "final", None
+            r = launch(cmd, root / "killed.log", None, None)
+        launches += 1
+        entry = {"launch": launches, "mode": mode, "resumed_from_epoch": epoch, **r,
+                 "epoch_after": checkpoint_epoch(run),
+                 "temp_files_left": sorted(f.name for f in run.glob(".*")) if run.is_dir() else []}
+        if not r["killed"]:  # finished (the final launch, or one that outran its kill)
+            if r["rc"] != 0:
+                raise SystemExit(f"(c): launch {launches} failed (rc {r['rc']}), see {root / 'killed.log'}")
+            final = entry
+            break
+        kills.append(entry)
+    return {"workers": workers, "epochs": args.epochs, "uninterrupted_s": round(t_ref, 2),
+            "uninterrupted_training_s": round(train_s, 2),
+            "kills": len([k for k in kills if k["killed"]]), "kill_log": kills, "final_launch": final,
+            **compare_runs(root / "uninterrupted", run)}
+
+
+def print_table(res: dict) -> None:
+    rows = []
+    if "rollout" in res:
+        r = res["rollout"]
+        for name in ("single", "threaded"):
+            s = r[name]
+            rss = [f"{s[k]:.1f}" for k in ("rss_start_mb", "rss_after_warmup_mb", "rss_end_mb", "rss_max_mb")]
+            rows.append((f"(a/b) {name}: RSS MB start/warm/end/max", " / ".join(rss)))
+            growth = (f"{s['rss_growth_after_warmup_mb']:.1f} MB, {s['rss_slope_mb_per_1000_images']:.2f} "
+                      f"MB/1000 img (tol {s['rss_tolerance_mb']} MB)")
+            rows.append((f"(a/b) {name}: RSS growth after warm-up, slope", growth))
+            fds = [str(s[k]) for k in ("fds_start", "fds_after_warmup", "fds_end", "fds_max")]
+            rows.append((f"(a/b) {name}: fds start/warm/end/max", " / ".join(fds)))
+            rows.append((f"(a/b) {name}: flat, seconds", f"{s['flat']}, {s['seconds']}"))
+        equal = (f"{r['maps_equal']} (max |diff| {r['maps_max_abs_diff']:.3g}, {r['maps_unequal']} of "
+                 f"{r['images']} differ)")
+        rows.append(("(b) maps equal to single-threaded", equal))
+        rows.append(("(b) hooks before / after (fwd, pre)", " / ".join(
+            f"{h['forward_hooks']},{h['forward_pre_hooks']}" for h in (r["hooks_before"], r["hooks_after_threads"]))))
+    for f in res.get("faults", []):
+        w = f["workers"]
+        rows.append((f"(c) workers={w}: kills (timed s / in-write)", ", ".join(
+            f"{k['at_s']:.2f}{'W' if k['mode'] == 'in-write' else ''}->e{k['epoch_after']}" for k in f["kill_log"])))
+        rows.append((f"(c) workers={w}: last.pt / safetensors identical",
+                     f"{f['last_pt_identical']} / {f['teacher_safetensors_identical']}"))
+    width = max(len(a) for a, _ in rows)
+    for a, b in rows:
+        print(f"{a:<{width}}  {b}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar10")
+    p.add_argument("--limit", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--no-overlays", action="store_true", help="(a) without the overlay PNGs (faster)")
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=4, help="batches before the flatness check starts")
+    p.add_argument("--rss-tol-mb", type=float, default=32.0)
+    p.add_argument("--kills", type=int, default=10)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", choices=["rollout", "faults"], action="append", default=[])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "soak")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        if not args.overwrite:
+            print(f"--out: {str(args.out)!r} is not empty; pass --overwrite to replace it", file=sys.stderr)
+            return 2
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if "rollout" not in args.skip:
+        res["rollout"] = run_rollout_soak(args, args.out / "rollout")
+    if "faults" not in args.skip:
+        data = make_fault_data(args.data, args.out / "fault_data", args.per_class, max(1, args.per_class // 4))
+        res["faults"] = [fault_run(args, data, args.out / f"faults_workers{w}", w) for w in args.workers]
+    (args.out / "soak.json").write_text(json.dumps(res, indent=1))
+    print_table(res)
+    ok = all(f["last_pt_identical"] and f["teacher_safetensors_identical"] and f["kills"] == args.kills
+             for f in res.get("faults", []))
+    if "rollout" in res:
+        r = res["rollout"]
+        ok = ok and r["maps_equal"] and r["hooks_unchanged"] and r["single"]["flat"] and r["threaded"]["flat"]
+    print(f"all checks passed: {ok}; figures in {args.out / 'soak.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
