@@ -5,8 +5,8 @@
 (a) ``--limit`` real CIFAR-10 test images through :func:`rollout_fast.jobs.rollout_images` with the embedded
     teacher ``cifar10-vit`` in one process, one batch per call (``--batch`` images, overlays written), RSS
     (/proc/self/status VmRSS) and open file handles (/proc/self/fd) recorded after each batch.
-(b) the same images through one shared :class:`rollout_fast.AttentionRollout` from ``--threads`` threads
-    (batch i goes to thread i mod T, same batch boundaries as (a)); every map compared with (a)'s; RSS and
+(b) the same images (``--rounds`` passes) through one shared :class:`rollout_fast.AttentionRollout` from
+    ``--threads`` threads (batch i goes to thread i mod T, same batch boundaries as (a)); every map compared with (a)'s; RSS and
     handles likewise; forward hooks / pre-hooks on every module counted before and after.
 (c) a tiny ``train-teacher`` run (1-block ViT, ``--per-class`` real CIFAR training images per class) launched
     as a subprocess, SIGKILLed ``--kills`` times at seeded random moments (some of them while a
@@ -14,7 +14,7 @@
     until it finishes; its final ``last.pt`` (model, optimizer, scheduler, RNG states) and
     ``teacher.safetensors`` (bytes) are compared with an uninterrupted run's. Once per ``--workers`` value.
 
-Flat: after ``--warmup`` batches, RSS never exceeds its post-warm-up value by more than ``--rss-tol-mb`` and
+Flat: after ``--warmup-images`` images ((b): after its first round), RSS never exceeds its post-warm-up value by more than ``--rss-tol-mb`` and
 the handle count never exceeds its post-warm-up value. Writes ``OUT/soak.json`` and prints a table;
 exit status 1 if a check fails.
 """
@@ -55,19 +55,19 @@ def sample(done: int) -> dict:
     return {"images": done, "rss_mb": round(rss_mb(), 2), "fds": open_handles()}
 
 
-def flatness(samples: list[dict], warmup: int, tol_mb: float) -> dict:
+def flatness(samples: list[dict], warmup_images: int, tol_mb: float) -> dict:
     """start/end/max of RSS and handles, growth after warm-up, slope (MB per 1000 images), flat or not."""
     rss = np.array([s["rss_mb"] for s in samples])
     fds = np.array([s["fds"] for s in samples])
     imgs = np.array([s["images"] for s in samples], dtype=float)
-    w = min(warmup, len(samples) - 1)
+    w = min(int(np.searchsorted(imgs, warmup_images)), len(samples) - 2)
     slope = float(np.polyfit(imgs[w:], rss[w:], 1)[0] * 1000) if len(samples) - w >= 2 else 0.0
     growth = float(rss[w:].max() - rss[w])
     return {"rss_start_mb": float(rss[0]), "rss_after_warmup_mb": float(rss[w]), "rss_end_mb": float(rss[-1]),
             "rss_max_mb": float(rss.max()), "rss_growth_after_warmup_mb": round(growth, 2),
             "rss_slope_mb_per_1000_images": round(slope, 3), "fds_start": int(fds[0]),
             "fds_after_warmup": int(fds[w]), "fds_end": int(fds[-1]), "fds_max": int(fds.max()),
-            "warmup_batches": w, "rss_tolerance_mb": tol_mb,
+            "warmup_images": int(imgs[w]), "rss_tolerance_mb": tol_mb,
             "flat": bool(growth <= tol_mb and fds[w:].max() <= fds[w])}
 
 
@@ -106,8 +106,10 @@ def soak_single(files, out: Path, model, data_config, batch: int, overlays: bool
     return np.concatenate(maps), samples, time.perf_counter() - t0
 
 
-def soak_threads(files, model, data_config, batch: int, threads: int) -> tuple[np.ndarray, list[dict], float]:
-    """(b): one shared AttentionRollout, batch i on thread i mod ``threads``; maps in file order."""
+def soak_threads(files, model, data_config, batch: int, threads: int, rounds: int
+                 ) -> tuple[np.ndarray, list[dict], float]:
+    """(b): one shared AttentionRollout, batch i on thread i mod ``threads``, ``rounds`` times over the files
+    (fresh threads each round); maps (rounds, N, gh, gw) in file order."""
     import torch
     from timm.data import create_transform
 
@@ -116,14 +118,14 @@ def soak_threads(files, model, data_config, batch: int, threads: int) -> tuple[n
 
     explainer = AttentionRollout(model)
     transform = create_transform(**data_config)
-    starts = list(range(0, len(files), batch))
+    starts = list(range(0, len(files), batch)) * rounds
     maps: list = [None] * len(starts)
     samples, lock, errors = [sample(0)], threading.Lock(), []
     done = [0]
 
-    def work(t: int) -> None:
+    def work(first: int, stop: int) -> None:
         try:
-            for j in range(t, len(starts), threads):
+            for j in range(first, stop, threads):
                 x = torch.stack([transform(load_image(f)) for f in files[starts[j]:starts[j] + batch]])
                 maps[j] = explainer(x).numpy()
                 with lock:
@@ -132,15 +134,17 @@ def soak_threads(files, model, data_config, batch: int, threads: int) -> tuple[n
         except Exception as e:  # noqa: BLE001 (re-raised by the main thread)
             errors.append(e)
 
-    t0 = time.perf_counter()
-    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
-    if errors:
-        raise errors[0]
-    return np.concatenate(maps), samples, time.perf_counter() - t0
+    t0, per_round = time.perf_counter(), len(starts) // rounds
+    for r in range(rounds):
+        pool = [threading.Thread(target=work, args=(r * per_round + t, per_round * (r + 1)))
+                for t in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        if errors:
+            raise errors[0]
+    return np.concatenate(maps).reshape(rounds, len(files), *maps[0].shape[1:]), samples, time.perf_counter() - t0
 
 
 def run_rollout_soak(args, out: Path) -> dict:
@@ -155,18 +159,19 @@ def run_rollout_soak(args, out: Path) -> dict:
     ref, samples_a, sec_a = soak_single(files, out / "single", model, data_config, args.batch,
                                           not args.no_overlays)
     hooks_mid = hook_counts(model)
-    got, samples_b, sec_b = soak_threads(files, model, data_config, args.batch, args.threads)
+    got, samples_b, sec_b = soak_threads(files, model, data_config, args.batch, args.threads, args.rounds)
     hooks_after = hook_counts(model)
-    diff = np.abs(got - ref)
+    diff = np.abs(got - ref[None]).reshape(-1, *ref.shape[1:])
     return {
         "images": len(files), "batch": args.batch, "threads": args.threads,
-        "single": {**flatness(samples_a, args.warmup, args.rss_tol_mb), "seconds": round(sec_a, 2),
+        "single": {**flatness(samples_a, args.warmup_images, args.rss_tol_mb), "seconds": round(sec_a, 2),
                    "samples": samples_a},
-        "threaded": {**flatness(samples_b, args.warmup, args.rss_tol_mb), "seconds": round(sec_b, 2),
+        "threaded": {**flatness(samples_b, len(files) if args.rounds > 1 else args.warmup_images,
+                               args.rss_tol_mb), "rounds": args.rounds, "seconds": round(sec_b, 2),
                      "samples": samples_b},
         "maps_shape": list(ref.shape), "maps_max_abs_diff": float(diff.max()),
-        "maps_unequal": int((diff.reshape(len(diff), -1).max(1) > 0).sum()),
-        "maps_equal": bool(np.array_equal(got, ref)),
+        "maps_compared": len(diff), "maps_unequal": int((diff.reshape(len(diff), -1).max(1) > 0).sum()),
+        "maps_equal": bool((diff == 0).all()),
         "hooks_before": hooks_before, "hooks_after_single": hooks_mid, "hooks_after_threads": hooks_after,
         "hooks_unchanged": hooks_before == hooks_mid == hooks_after,
     }
@@ -221,11 +226,12 @@ def launch(cmd, log: Path, kill_after: float | None, in_write: Path | None = Non
     6 s later are counted, then killed (the launch's session)."""
     with open(log, "ab") as err:
         p = subprocess.Popen(cmd, stdout=err, stderr=err, env=_env(), cwd=REPO, start_new_session=True)
-    t0, killed, seen, writes = time.monotonic(), False, None, set()
+    t0, killed, seen, writes = time.monotonic(), False, None, []
+    stale = {f.name for f in in_write.glob(".last.pt.*")} if in_write is not None else set()  # an older kill's
     while p.poll() is None and kill_after is not None:
         if in_write is not None:
-            writes.update(f.name for f in in_write.glob(".last.pt.*"))
-            seen = max(writes) if len(writes) >= nth_write else None
+            writes += [f.name for f in in_write.glob(".last.pt.*") if f.name not in stale and f.name not in writes]
+            seen = writes[nth_write - 1] if len(writes) >= nth_write else None
         if seen or time.monotonic() - t0 >= kill_after:
             os.kill(p.pid, signal.SIGKILL)
             killed = True
@@ -291,7 +297,7 @@ def fault_run(args, data: Path, root: Path, workers: int) -> dict:
         left = args.epochs - (epoch or 0)
         if len(kills) < args.kills:  # a random moment of this launch's expected duration
             mode = "in-write" if len(kills) in in_write else "timed"
-            delay = rng.uniform(0.1, 0.95) * (startup + train_s * left / args.epochs)
+            delay = rng.uniform(0.05, 0.6) * (startup + train_s * left / args.epochs)
             nth = rng.randint(1, max(1, left - 1))
             fallback = 0.95 * (startup + train_s * left / args.epochs)  # the write was missed
             r = launch(cmd, root / "killed.log", delay if mode == "timed" else fallback,
@@ -330,7 +336,7 @@ def print_table(res: dict) -> None:
             rows.append((f"(a/b) {name}: fds start/warm/end/max", " / ".join(fds)))
             rows.append((f"(a/b) {name}: flat, seconds", f"{s['flat']}, {s['seconds']}"))
         equal = (f"{r['maps_equal']} (max |diff| {r['maps_max_abs_diff']:.3g}, {r['maps_unequal']} of "
-                 f"{r['images']} differ)")
+                 f"{r['maps_compared']} differ)")
         rows.append(("(b) maps equal to single-threaded", equal))
         rows.append(("(b) hooks before / after (fwd, pre)", " / ".join(
             f"{h['forward_hooks']},{h['forward_pre_hooks']}" for h in (r["hooks_before"], r["hooks_after_threads"]))))
@@ -353,13 +359,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--no-overlays", action="store_true", help="(a) without the overlay PNGs (faster)")
     p.add_argument("--torch-threads", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=4, help="batches before the flatness check starts")
+    p.add_argument("--warmup-images", type=int, default=500,
+                   help="(a) images before the flatness check starts ((b) with --rounds > 1: its first round)")
+    p.add_argument("--rounds", type=int, default=3, help="(b) passes over the images")
     p.add_argument("--rss-tol-mb", type=float, default=32.0)
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", choices=["rollout", "faults"], action="append", default=[])
     p.add_argument("--out", type=Path, default=REPO / "runs" / "soak")
