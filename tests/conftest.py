@@ -16,10 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("ROLLOUT_FAST_SHARED", REPO.parent / "shared"))
-CIFAR10 = SHARED / "data" / "cifar10"
-IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
+from paths import CIFAR10, IMAGENET_SAMPLE
 
 
 @pytest.fixture(autouse=True)

@@ -141,3 +141,17 @@ def test_no_long_functions_or_modules():
                 if not jit and node.end_lineno - node.lineno + 1 > 80:
                     long_functions.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert long_functions == [] and long_modules == []
+
+
+def test_no_test_imports_from_conftest():
+    """pytest imports every folder's conftest.py as the module ``conftest``: ``from conftest import`` may get
+    another folder's (it broke the suite twice). Shared values live in tests/paths.py and tests/helpers.py."""
+    tests = Path(__file__).resolve().parent
+    bad = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            if "conftest" in names:
+                bad.append(f"{path.relative_to(tests)}:{node.lineno}")
+    assert bad == []

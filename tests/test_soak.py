@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CIFAR10, REPO
+from paths import CIFAR10, REPO
 
 from rollout_fast.checkpoint import load_training_state
 from rollout_fast.teacher import TeacherConfig, train_teacher
