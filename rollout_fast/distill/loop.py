@@ -1,5 +1,14 @@
 """The distillation training loop: two phases (frozen backbone + fresh map head, then everything), per-epoch
-validation, CSV/TensorBoard logs and a resumable checkpoint each epoch."""
+validation, CSV/TensorBoard logs and a resumable checkpoint each epoch.
+
+Output order (rank 0), so that a run killed at any moment can be started again: nothing is written before
+the first checkpoint (no ``log.csv``, no ``tensorboard/``: a run killed in its first epoch leaves no
+earlier-run files, and a fresh start is not refused); each epoch writes ``last.pt`` first (atomically, with
+the log rows in it) and then rewrites ``log.csv`` from those rows (atomically), so the log never holds a row
+its checkpoint does not describe, and a resumed run rewrites ``log.csv`` from the checkpoint (no duplicate
+epoch rows). Temp files of an interrupted atomic write (``.last.pt.<random>``, ...) are removed at the next
+start.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import save_training_state
+from ..checkpoint import atomic_write, save_training_state
 from ..metrics import MapMetrics
 from ..students import RolloutStudent, logits_to_maps
 from ..training import adamw, autocast_for, lr_lambda
@@ -27,6 +36,8 @@ __all__ = ["Seen", "TrainingRun", "distill_loss", "evaluate", "train"]
 log = logging.getLogger("rollout_fast.distill")
 
 LOG_COLUMNS = ["epoch", "phase", "train_loss", "val_kld", "val_cc", "val_recall@0.5", "lr", "seconds"]
+# what a run writes in its folder: their atomic-write temp files ('.NAME.<random>') are stale at a start
+RUN_FILES = ("last.pt", "log.csv", "student.safetensors", "student.json", "metrics.json")
 
 
 def distill_loss(logits: torch.Tensor, target: torch.Tensor, loss: str = "kld") -> torch.Tensor:
@@ -119,7 +130,8 @@ class TrainingRun:
     out: Path
     progress: bool = True
     seen: Seen = None
-    tb: object = None
+    tb: object = None  # TensorBoard writer: None until the first checkpoint, False when not installed
+    log_rows: list = field(default_factory=list)  # log.csv's rows (no header), as saved in the checkpoint
 
     @property
     def total_epochs(self) -> int:
@@ -143,7 +155,7 @@ def train(run: TrainingRun, state: dict | None = None) -> Seen:
     sampler = DistributedSampler(range(len(run.train_x)), num_replicas=env.world, rank=env.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     steps = len(sampler) // per_rank
-    _open_logs(run, fresh=state is None)
+    _open_logs(run, state)
     phases = [("head", cfg.head_epochs, cfg.lr), ("all", cfg.epochs, cfg.lr * cfg.finetune_lr_scale)]
     epoch0 = 0
     for phase_idx, (phase, n_epochs, lr) in enumerate(phases):
@@ -161,24 +173,52 @@ def train(run: TrainingRun, state: dict | None = None) -> Seen:
                 del model
                 gc.collect()
         epoch0 = phase_end
-    if run.tb is not None:
+    if run.tb:
         run.tb.close()
     return run.seen
 
 
-def _open_logs(run: TrainingRun, fresh: bool) -> None:
-    """Rank 0: start ``log.csv`` (unless resuming one) and TensorBoard when installed."""
+def _open_logs(run: TrainingRun, state: dict | None) -> None:
+    """Rank 0: remove temp files of interrupted writes; when resuming, take the log rows the checkpoint
+    describes and rewrite ``log.csv`` with them (rows logged after it are dropped). A fresh run writes
+    nothing here: ``log.csv`` first appears after the first checkpoint."""
     if run.env.rank != 0:
         return
-    log_path = run.out / "log.csv"
-    if fresh or not log_path.exists():
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(LOG_COLUMNS)
+    for name in RUN_FILES:  # checkpoint.atomic_write's temp files: '.NAME.<random>'
+        for tmp in run.out.glob(f".{name}.*"):
+            tmp.unlink(missing_ok=True)
+    run.log_rows = [] if state is None else _resumed_rows(run.out / "log.csv", state)
+    if state is not None:
+        _write_log(run.out / "log.csv", run.log_rows)
+
+
+def _resumed_rows(path: Path, state: dict) -> list[list]:
+    """The log rows of checkpoint ``state``: saved in it, or (a checkpoint written before they were) the rows
+    of ``path`` up to its epoch."""
+    if "log" in state:
+        return [list(r) for r in state["log"]]
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [r for r in rows if r and r[0].isdigit() and int(r[0]) <= state["epoch"]]
+
+
+def _write_log(path: Path, rows: list[list]) -> None:
+    """Write ``log.csv`` whole (header + one row per finished epoch), atomically."""
+    def _w(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([LOG_COLUMNS, *rows])
+    atomic_write(path, _w)
+
+
+def _open_tensorboard(run: TrainingRun) -> None:
+    """TensorBoard under ``out/tensorboard`` when installed (opened after the first checkpoint)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
         run.tb = SummaryWriter(str(run.out / "tensorboard"))
     except Exception:  # noqa: BLE001  (tensorboard not installed: the CSV log is the record)
-        run.tb = None
+        run.tb = False
 
 
 def _optimizer(student: RolloutStudent, phase: str, n_epochs: int, steps: int, lr: float, cfg: DistillConfig):
@@ -239,22 +279,26 @@ def _epoch(run: TrainingRun, model, opt, sched, sampler, steps: int, epoch: int,
 
 def _end_epoch(run: TrainingRun, opt, sched, epoch: int, phase: str, phase_idx: int, loss: float,
                t0: float) -> None:
-    """Rank 0 after an epoch that began at ``t0``: validate, append to the logs, report, write the
-    checkpoint atomically."""
+    """Rank 0 after an epoch that began at ``t0``: validate, write the checkpoint atomically (with the log
+    rows), then the logs it describes, and report."""
     images, maps, params = run.val
     val = evaluate(run.student, run.targets.norm, images, maps, params, run.progress, "validate")
     seconds = time.time() - t0
-    with open(run.out / "log.csv", "a", newline="") as f:
-        csv.writer(f).writerow([epoch + 1, phase, f"{loss:.5f}", f"{val['kld']:.4f}", f"{val['cc']:.4f}",
-                                f"{val['recall@0.5']:.4f}", f"{sched.get_last_lr()[0]:.6g}", f"{seconds:.1f}"])
-    if run.tb is not None:
+    row = [epoch + 1, phase, f"{loss:.5f}", f"{val['kld']:.4f}", f"{val['cc']:.4f}", f"{val['recall@0.5']:.4f}",
+           f"{sched.get_last_lr()[0]:.6g}", f"{seconds:.1f}"]
+    save_training_state(run.out / "last.pt", {
+        "model": run.student.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "epoch": epoch + 1, "phase": phase_idx,
+        "config": asdict(run.cfg), "rng_cpu": torch.get_rng_state(), **run.seen.state(),
+        "log": [*run.log_rows, row]})
+    run.log_rows.append(row)
+    _write_log(run.out / "log.csv", run.log_rows)
+    if run.tb is None:
+        _open_tensorboard(run)
+    if run.tb:
         run.tb.add_scalar("train/loss", loss, epoch + 1)
         for k in ("kld", "cc", "recall@0.5", "spearman"):
             run.tb.add_scalar(f"val/{k}", val[k], epoch + 1)
     if run.progress:
         log.info("epoch %d/%d (%s): loss %.4f, val KLD %.4f CC %.4f recall@0.5 %.4f (%.0f s)", epoch + 1,
                  run.total_epochs, phase, loss, val["kld"], val["cc"], val["recall@0.5"], seconds)
-    save_training_state(run.out / "last.pt", {
-        "model": run.student.state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(), "epoch": epoch + 1, "phase": phase_idx,
-        "config": asdict(run.cfg), "rng_cpu": torch.get_rng_state(), **run.seen.state()})

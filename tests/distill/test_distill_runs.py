@@ -117,6 +117,49 @@ def test_interrupted_run_resumes_bit_exactly(tiny_cifar, tiny_teacher, tmp_path,
     assert len((tmp_path / "part" / "log.csv").read_text().strip().splitlines()) == 3
 
 
+def test_run_killed_before_its_first_checkpoint_starts_again_and_log_rows_follow_checkpoints(
+        tiny_cifar, tiny_teacher, tmp_path, monkeypatch):
+    """Issue 18: a run writes no log.csv (or tensorboard/) before its first checkpoint, so a run killed in
+    its first epoch starts again without resume; the temp file of an interrupted checkpoint write is removed
+    at the next start; an epoch's row is written after its checkpoint, and a kill between the two leaves no
+    duplicate row once resumed (the log is rewritten from the rows saved in the checkpoint)."""
+    import rollout_fast.distill.loop as mod  # where the checkpoint is written
+
+    class Stop(Exception):
+        pass
+
+    real = mod.save_training_state
+
+    def killed_mid_write(path, state):  # what a kill during atomic_write leaves: its temp file only
+        (path.parent / f".{path.name}.abc123").write_bytes(b"x" * 100)
+        raise Stop
+
+    def save_then_stop(path, state):  # a kill right after the checkpoint, before its log row
+        real(path, state)
+        raise Stop
+
+    c = cfg(tiny_teacher, head_epochs=0, epochs=2)
+    run = tmp_path / "run"
+    monkeypatch.setattr(mod, "save_training_state", killed_mid_write)
+    with pytest.raises(Stop):
+        distill(tiny_cifar, run, c, device="cpu", progress=False)
+    assert sorted(p.name for p in run.iterdir()) == [".last.pt.abc123", "cache"]
+    (run / ".log.csv.def456").write_text("epoch\n")
+    monkeypatch.setattr(mod, "save_training_state", save_then_stop)
+    with pytest.raises(Stop):
+        distill(tiny_cifar, run, c, device="cpu", progress=False)  # started again: not refused
+    assert not list(run.glob(".last.pt.*")) and not list(run.glob(".log.csv.*"))
+    assert sorted(p.name for p in run.iterdir()) == ["cache", "last.pt"]  # no row before its checkpoint
+    monkeypatch.setattr(mod, "save_training_state", real)
+    with pytest.raises(FileExistsError, match="resume"):
+        distill(tiny_cifar, run, c, device="cpu", progress=False)
+    distill(tiny_cifar, run, c, device="cpu", progress=False, resume=True)
+    lines = (run / "log.csv").read_text().strip().splitlines()
+    assert lines[0] == ",".join(mod.LOG_COLUMNS) and [ln.split(",")[0] for ln in lines[1:]] == ["1", "2"]
+    saved = load_training_state(run / "last.pt")["log"]
+    assert [[str(v) for v in r] for r in saved] == [ln.split(",") for ln in lines[1:]]
+
+
 def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_cifar, tiny_teacher, tmp_path):
     c = cfg(tiny_teacher)
     with pytest.raises(FileNotFoundError, match="resume"):
