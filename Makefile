@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*)
 	$(PY) -m pip install --upgrade pip
 	# torch first: the extension is built against the installed torch (no build isolation).
 	$(PY) -m pip install "torch>=2.4" setuptools wheel pybind11 ninja
-	$(PY) -m pip install --no-build-isolation -e ".[dev,triton]"
+	$(PY) -m pip install --no-build-isolation -e ".[dev,triton,test]"
 	touch $(STAMP)
 
 install: $(STAMP)

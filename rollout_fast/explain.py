@@ -1,4 +1,4 @@
-"""``AttentionRollout``: rollout maps straight from a timm ViT and a batch of images."""
+"""``AttentionRollout``: rollout maps straight from a ViT (timm, Hugging Face, torchvision, open_clip) and images."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from torch import nn
 
 from .capture import (
     CAPTURES,
-    attention_modules,
     capture_attention,
     capture_attention_grad,
     check_targets,
-    token_layout,
+    describe_model,
 )
 from .ops import attention_rollout, grad_attention_rollout
 from .reference import HEAD_FUSIONS, NORMALIZATIONS
@@ -59,7 +58,7 @@ class RolloutResult(tuple):
 
 
 class AttentionRollout:
-    """Attention rollout for a timm VisionTransformer-family model, with fused attention left on.
+    """Attention rollout for a timm, Hugging Face, torchvision or open_clip ViT, with fused attention left on.
 
     ``maps = AttentionRollout(model)(images)`` gives float32 ``(B, gh, gw)`` maps, one value per
     patch token, max-normalised per image (by default). The prefix-token count (class, distillation,
@@ -87,7 +86,11 @@ class AttentionRollout:
     Args:
         model: a timm ViT-family model: ``VisionTransformer`` (vit_*, deit_*, register, q/k-norm,
             LayerScale, GAP models), relative-position ViTs (vit_relpos_*) and BEiT (their bias is in the
-            captured softmax), EVA/EVA02 and RoPE ViTs (q, k after the rotation).
+            captured softmax), EVA/EVA02 and RoPE ViTs (q, k after the rotation); a Hugging Face ViT, DeiT,
+            Dinov2 (registers), BEiT, CLIP / SigLIP vision model with any attention implementation (SDPA or
+            eager; logits from ``ModelOutput.logits`` where there is a classifier, else the output itself);
+            a torchvision ``VisionTransformer`` (vit_b_16 ...); an open_clip image tower (``clip.visual``).
+            See :func:`rollout_fast.capture.describe_model`.
         head_fusion: 'mean' | 'max' | 'min' over heads.
         discard_ratio: fraction in [0, 1) of each fused attention matrix to discard per image.
         readout: 'cls' | 'mean' | None (None: 'cls' if the model has a class token, else 'mean').
@@ -107,7 +110,7 @@ class AttentionRollout:
     def __init__(self, model: nn.Module, head_fusion: str = "mean", discard_ratio: float = 0.0,
                  readout: str | None = None, normalize: str | None = "max", backend: str = "auto",
                  capture: str = "auto"):
-        attention_modules(model)  # fail early on unsupported models
+        spec = describe_model(model)  # fail early on unsupported models
         if head_fusion not in HEAD_FUSIONS:
             raise ValueError(f"head_fusion: expected one of {HEAD_FUSIONS}, got {head_fusion!r}")
         try:
@@ -120,14 +123,15 @@ class AttentionRollout:
             raise ValueError(f"readout: expected 'cls', 'mean' or None, got {readout!r}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
-        if readout == "cls" and getattr(model, "cls_token", None) is None:
+        if readout == "cls" and not spec.has_class_token:
             raise ValueError("readout: 'cls' needs a model with a class token; use 'mean'")
         if capture not in CAPTURES:
             raise ValueError(f"capture: expected one of {CAPTURES}, got {capture!r}")
         self.model = model
         self.head_fusion = head_fusion
         self.discard_ratio = float(discard_ratio)
-        self.readout = readout or ("cls" if getattr(model, "cls_token", None) is not None else "mean")
+        self.readout = readout or ("cls" if spec.has_class_token else "mean")
+        self._spec = spec
         self.normalize = normalize
         self.backend = backend
         self.capture = capture
@@ -155,7 +159,7 @@ class AttentionRollout:
     def _layout(self, images):
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise ValueError("images: expected a (B, C, H, W) tensor")
-        return token_layout(self.model, tuple(images.shape[-2:]))
+        return self._spec.layout(tuple(images.shape[-2:]))
 
     @staticmethod
     def _check_tokens(N: int, layout) -> None:
@@ -173,13 +177,16 @@ class AttentionRollout:
         """
         layout = self._layout(images)
         result = capture_attention(self.model, images, head_fusion=self.head_fusion, capture=self.capture)
-        logits, attention = result
+        output, attention = result
+        logits = self._spec.logits(output)
         self.last_capture, self.last_layer_captures = result.path, result.layer_paths
         self._check_tokens(attention.shape[-1], layout)
         # Attention is already head-fused (H = 1): fusion over one head is the identity for every mode.
+        # Rows of a max- or min-fused matrix do not sum to 1 (the row normalisation follows in the op).
         maps = attention_rollout(attention, head_fusion="mean", discard_ratio=self.discard_ratio,
                                  num_prefix_tokens=layout.num_prefix_tokens, grid=layout.grid,
-                                 readout=self.readout, normalize=self.normalize, backend=self.backend)
+                                 readout=self.readout, normalize=self.normalize, backend=self.backend,
+                                 check_rows=self.head_fusion == "mean")
         return RolloutResult(maps, logits)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "rollout_fast"
 MODEL_SIDE = ("rollout_fast.models", "rollout_fast.students", "rollout_fast.zoo", "rollout_fast.explain",
               "rollout_fast.capture", "rollout_fast.prune", "rollout_fast.distill", "rollout_fast.jobs",
-              "rollout_fast.cli", "rollout_fast.teacher", "rollout_fast.ltpa", "rollout_fast.saliency")
+              "rollout_fast.cli", "rollout_fast.teacher", "rollout_fast.ltpa", "rollout_fast.saliency",
+              "rollout_fast.check")
 
 
 def _module_name(path: Path) -> str:

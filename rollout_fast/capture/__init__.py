@@ -1,4 +1,5 @@
-"""Getting attention out of timm Vision Transformers without changing the user's model.
+"""Getting attention out of Vision Transformers (timm, Hugging Face, torchvision, open_clip; see
+:mod:`.families`) without changing the user's model.
 
 timm (>= 0.9) computes attention with ``F.scaled_dot_product_attention`` (SDPA) when ``attn.fused_attn``
 is True, so the attention probabilities never exist as a tensor and hooks on ``attn_drop`` never fire
@@ -19,7 +20,10 @@ train/eval flag restored) before returning, and timm's own ``Attention.forward``
   of the SDPA call itself, so rotary embeddings (EVA, RoPE ViTs) and relative-position biases (relpos
   ViTs, BEiT) are included exactly; head-fused at once, chunk by chunk.
 - ``'attn-drop'`` (blocks running timm's explicit path, ``fused_attn=False``): the model's own
-  probabilities are read at ``attn_drop`` (checked to be rows of probabilities) and fused.
+  probabilities are read at ``attn_drop`` (checked to be rows of probabilities) and fused;
+  ``'eager-softmax'``: Hugging Face's eager attention, read at its softmax the same way.
+- ``nn.MultiheadAttention`` (torchvision, open_clip): its call is answered as the self-attention SDPA call it
+  makes (q, k, v from its packed projection), so every path above applies.
 - An SDPA call the capture cannot reproduce exactly (causal, dropout, grouped-query, not self-attention)
   raises ``UnsupportedModelError`` saying why: no path returns a map from attention the model did not compute.
 - gradients (:func:`capture_attention_grad`, REFERENCE.md section 2): the intercepted SDPA call is answered
@@ -30,16 +34,17 @@ train/eval flag restored) before returning, and timm's own ``Attention.forward``
 Threads: captures of one model run one at a time (a re-entrant lock per attention module, held for the
 forward); hooks act only on the calling thread, so other threads' plain forwards are not tapped.
 
-Modules: :mod:`.model` (supported models, token layout), :mod:`.hooks` (the temporary hooks),
+Modules: :mod:`.model` (token layout), :mod:`.families` (the supported models), :mod:`.hooks` (the temporary hooks),
 :mod:`.forward` (:func:`capture_attention`), :mod:`.grad` (:func:`capture_attention_grad`).
 """
 
 
 from __future__ import annotations
 
+from .families import ViTSpec, attention_modules, default_input_size, describe_model, token_layout
 from .forward import CAPTURES, CaptureResult, capture_attention, resolve_capture
 from .grad import GradCapture, capture_attention_grad, check_targets
-from .model import TokenLayout, UnsupportedModelError, attention_modules, token_layout
+from .model import TokenLayout, UnsupportedModelError
 
 __all__ = [
     "CAPTURES",
@@ -47,10 +52,13 @@ __all__ = [
     "GradCapture",
     "TokenLayout",
     "UnsupportedModelError",
+    "ViTSpec",
     "attention_modules",
     "capture_attention",
     "capture_attention_grad",
     "check_targets",
+    "default_input_size",
+    "describe_model",
     "resolve_capture",
     "token_layout",
 ]

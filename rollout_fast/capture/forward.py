@@ -10,7 +10,8 @@ from torch import nn
 from ..ops import attention as attention_ops
 from ..reference import HEAD_FUSIONS, fuse_probs
 from .hooks import SDPACall, Tap, check_complete, check_probs, model_lock, sdpa_call, summary
-from .model import attention_modules, check_images, eval_mode
+from .families import describe_model
+from .model import check_images, eval_mode
 
 __all__ = ["CAPTURES", "CaptureResult", "capture_attention", "resolve_capture"]
 
@@ -49,7 +50,8 @@ class CaptureResult(tuple):
     """``(output, attention)`` from :func:`capture_attention`, with the path that ran.
 
     ``layer_paths``: the path of each block ('fused-triton' | 'fused-chunked' | 'qk-hooks', or 'attn-drop'
-    for a block running timm's explicit attention, read at ``attn_drop``); ``path``: the one path that ran,
+    for a block running timm's explicit attention, read at ``attn_drop``, 'eager-softmax' for Hugging Face's
+    eager attention, read at its softmax); ``path``: the one path that ran,
     or e.g. 'fused-chunked+attn-drop' when blocks differed.
     """
 
@@ -77,8 +79,9 @@ def capture_attention(model: nn.Module, images: torch.Tensor, *, head_fusion: st
     """Run ``model`` once on ``images`` and return ``(output, attention)``.
 
     Args:
-        model: a timm VisionTransformer-family model (any train/eval state; run in eval mode, state
-            restored afterwards).
+        model: a timm, Hugging Face, torchvision or open_clip ViT (see
+            :func:`rollout_fast.capture.families.describe_model`; any train/eval state; run in eval mode,
+            state restored afterwards).
         images: (B, 3, H, W) float tensor on the model's device.
         head_fusion: 'mean' | 'max' | 'min' to keep only the head-fused matrix per layer
             (H times less memory), or None to keep every head (then the path is 'qk-hooks').
@@ -90,7 +93,8 @@ def capture_attention(model: nn.Module, images: torch.Tensor, *, head_fusion: st
 
     Returns:
         :class:`CaptureResult`, unpacking as ``(output, attention)``: ``output`` what the forward returned
-        (logits for a classifier; equal to the plain forward's within the dtype's tolerance);
+        (logits for a timm classifier, a ``ModelOutput`` for Hugging Face; equal to the plain forward's
+        within the dtype's tolerance);
         ``attention`` float32 ``(L, B, 1, N, N)`` head-fused, or ``(L, B, H, N, N)`` with
         ``head_fusion=None``; rows are queries; layers in forward order. ``.path`` says which path ran.
         The attention is the model's own: an ``attn_mask`` given to SDPA (timm's relative-position bias,
@@ -105,26 +109,30 @@ def capture_attention(model: nn.Module, images: torch.Tensor, *, head_fusion: st
     if head_fusion is not None and head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion: expected one of {HEAD_FUSIONS} or None, got {head_fusion!r}")
     check_images(images)
-    mods = attention_modules(model)
+    spec = describe_model(model)
+    mods = spec.attentions
     path = resolve_capture(capture, images.device, head_fusion)
     captured: list[torch.Tensor | None] = [None] * len(mods)
     paths: list[str | None] = [None] * len(mods)
     buffer: list[torch.Tensor] = []  # (L, B, 1, N, N): each layer's fused matrix is written in place
-    tap = _capture_tap(mods, path, head_fusion, chunk_bytes, captured, paths, buffer)
+    tap = _capture_tap(mods, path, head_fusion, chunk_bytes, captured, paths, buffer, spec.probs_at)
     with model_lock(mods), torch.no_grad(), eval_mode(model), tap:
         output = forward(model, images) if forward is not None else model(images)
-    check_complete(tap, captured, "attention neither called SDPA in a way that can be reproduced nor ran "
-                                  "timm's explicit path through attn_drop")
+    check_complete(tap, captured, "attention neither called SDPA (or nn.MultiheadAttention) in a way that can "
+                                  "be reproduced nor ran an explicit softmax the capture reads")
     if buffer and all(c.data_ptr() == buffer[0][i].data_ptr() for i, c in enumerate(captured)):
         return CaptureResult(output, buffer[0], paths)  # type: ignore[arg-type]
     return CaptureResult(output, torch.stack(captured), paths)  # type: ignore[arg-type]
 
 
-def _capture_tap(mods, path: str, head_fusion, chunk_bytes: int, captured: list, paths: list, buffer: list) -> Tap:
+def _capture_tap(mods, path: str, head_fusion, chunk_bytes: int, captured: list, paths: list, buffer: list,
+                 probs_at: str = "attn_drop") -> Tap:
     """The hooks of :func:`capture_attention`: each block's attention into ``captured`` (head-fused into one
     (L, B, 1, N, N) ``buffer`` where shapes allow) and its path into ``paths``. An SDPA call is answered by the
     fused op (``path`` 'fused-*'), or runs while its attention is rebuilt from the same q, k, mask and scale
-    ('qk-hooks'); timm's explicit path is read at ``attn_drop`` ('attn-drop')."""
+    ('qk-hooks'); timm's explicit path is read at ``attn_drop`` ('attn-drop'), Hugging Face's eager attention
+    at its softmax ('eager-softmax')."""
+    explicit = "attn-drop" if probs_at == "attn_drop" else "eager-softmax"
     def slot(idx, q, k):
         shape = (len(mods), q.shape[0], 1, q.shape[2], k.shape[2])
         if not buffer:
@@ -153,16 +161,16 @@ def _capture_tap(mods, path: str, head_fusion, chunk_bytes: int, captured: list,
                                                     chunk_bytes=chunk_bytes, fused_out=out), "qk-hooks")
         return None
 
-    def on_probs(idx, probs):  # timm's explicit path: the exact probabilities, fused here
+    def on_probs(idx, probs):  # the explicit path: the model's exact probabilities, fused here
         why = check_probs(probs, idx)
         if why is not None:
             tap.unsupported[idx] = why
             return
         p = probs.detach().float()
         if head_fusion is None:
-            take(idx, p.clone(), "attn-drop")
+            take(idx, p.clone(), explicit)
         else:
-            take(idx, fuse_probs(p, head_fusion, out=slot(idx, p, p)).unsqueeze(1), "attn-drop")
+            take(idx, fuse_probs(p, head_fusion, out=slot(idx, p, p)).unsqueeze(1), explicit)
 
-    tap = Tap(mods, sdpa=sdpa, on_probs=on_probs)
+    tap = Tap(mods, sdpa=sdpa, on_probs=on_probs, probs_at=probs_at)
     return tap

@@ -12,7 +12,8 @@ from torch import nn
 
 from ..reference import attention_probs
 from .hooks import SDPACall, Tap, check_complete, check_probs, model_lock, sdpa_call, summary
-from .model import attention_modules, check_images, eval_mode
+from .families import describe_model
+from .model import UnsupportedModelError, check_images, eval_mode
 
 __all__ = ["GradCapture", "capture_attention_grad", "check_targets"]
 
@@ -94,7 +95,8 @@ def capture_attention_grad(model: nn.Module, images: torch.Tensor, targets=None,
     with frozen parameters.
 
     Args:
-        model: a timm VisionTransformer-family classifier (output (B, num_classes)).
+        model: a timm, Hugging Face (``*ForImageClassification``) or torchvision ViT classifier (output
+            (B, num_classes) logits, or a ``ModelOutput`` with ``logits``).
         images: (B, 3, H, W) float tensor on the model's device.
         targets: None (each image's predicted class), an int (the same class for all), or an int
             sequence / integer tensor of shape (B,).
@@ -104,7 +106,8 @@ def capture_attention_grad(model: nn.Module, images: torch.Tensor, targets=None,
         :class:`GradCapture`.
 
     Raises:
-        UnsupportedModelError: see :func:`capture_attention`.
+        UnsupportedModelError: see :func:`capture_attention`; a model without a classifier (timm
+            ``num_classes=0``, a Hugging Face base model, an open_clip image tower) and no ``forward``.
         TypeError, ValueError: bad ``images`` or ``targets`` (wrong type, shape, or class out of range),
             or the forward did not return (B, C) logits.
         RuntimeError: called under ``torch.inference_mode()`` (no autograd there).
@@ -113,26 +116,31 @@ def capture_attention_grad(model: nn.Module, images: torch.Tensor, targets=None,
     with its layer pairing fixed and per-sample targets.
     """
     check_images(images)
-    mods = attention_modules(model)
+    spec = describe_model(model)
+    mods = spec.attentions
+    if forward is None and not spec.classifier:
+        raise UnsupportedModelError(f"model: grad rollout needs class logits, and {type(model).__name__} returns "
+                                    "features; use a classifier (e.g. a Hugging Face *ForImageClassification "
+                                    "model) or pass forward=(model, images) -> (B, C) logits")
     B = images.shape[0]
     wanted = check_targets(targets, B)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("grad rollout needs autograd; it cannot run under torch.inference_mode()")
     attns: list[torch.Tensor | None] = [None] * len(mods)
     paths: list[str | None] = [None] * len(mods)
-    tap = _explicit_attention_tap(mods, attns, paths)
+    tap = _explicit_attention_tap(mods, attns, paths, spec.probs_at)
     try:
         with model_lock(mods), torch.enable_grad(), eval_mode(model), tap:
-            logits = forward(model, images) if forward is not None else model(images)
-        check_complete(tap, attns, "attention neither called SDPA in a supported way nor ran timm's "
-                                   "explicit path through attn_drop")
+            logits = forward(model, images) if forward is not None else spec.logits(model(images))
+        check_complete(tap, attns, "attention neither called SDPA (or nn.MultiheadAttention) in a supported "
+                                   "way nor ran an explicit softmax the capture reads")
         wanted, att, grad = _target_gradients(logits, attns, wanted, B)
     finally:
         attns.clear()  # free the graph's tensors even when something raised
     return GradCapture(logits.detach(), att, grad, wanted, summary(paths))  # type: ignore[arg-type]
 
 
-def _explicit_attention_tap(mods, attns: list, paths: list) -> Tap:
+def _explicit_attention_tap(mods, attns: list, paths: list, probs_at: str = "attn_drop") -> Tap:
     """Hooks that make each block's probabilities ``A_l`` a tensor of the autograd graph, stored in
     ``attns[l]`` (and the path in ``paths[l]``): SDPA answered by the explicit float32
     ``softmax(q k^T * scale + mask) @ v`` (the q, k and mask SDPA was given: RoPE and relative-position bias
@@ -160,10 +168,11 @@ def _explicit_attention_tap(mods, attns: list, paths: list) -> Tap:
         if not probs.requires_grad:
             probs = replaced = probs.detach().requires_grad_(True)
         attns[idx] = probs
-        paths[idx] = "attn-drop"
+        paths[idx] = "attn-drop" if probs_at == "attn_drop" else "eager-softmax"
+        tap.captured[idx] = probs_at == "softmax"
         return replaced
 
-    tap = Tap(mods, sdpa=sdpa, on_probs=on_probs)
+    tap = Tap(mods, sdpa=sdpa, on_probs=on_probs, probs_at=probs_at)
     return tap
 
 

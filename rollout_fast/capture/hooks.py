@@ -14,7 +14,8 @@ from torch.overrides import TorchFunctionMode
 
 from .model import UnsupportedModelError
 
-__all__ = ["SDPACall", "Tap", "check_complete", "check_probs", "model_lock", "sdpa_call", "summary"]
+__all__ = ["SDPACall", "Tap", "check_complete", "check_probs", "mha_self_attention", "model_lock", "sdpa_call",
+           "summary"]
 
 _SDPA = F.scaled_dot_product_attention
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -76,13 +77,62 @@ def check_probs(probs, idx: int) -> str | None:
     return None
 
 
-class _SDPAIntercept(TorchFunctionMode):
-    """Answers ``F.scaled_dot_product_attention`` calls with ``handler(layer, *args, **kwargs)`` while
-    active (a handler returning None lets SDPA run); every other function passes through."""
+_MHA = F.multi_head_attention_forward
+_SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
 
-    def __init__(self, handler):
+
+def mha_self_attention(args, kwargs):
+    """An ``F.multi_head_attention_forward`` call (what ``nn.MultiheadAttention`` runs: torchvision's and
+    open_clip's ViTs) as the SDPA self-attention it computes: ``(q, k, v, attn_mask, finish)`` with q, k, v
+    (B, H, N, D) from the packed input projection, a float (or None) mask broadcastable to (B, H, N, N), and
+    ``finish(o)`` turning the (B, H, N, D) attention output into the call's ``(output, None)``; or the
+    reason (a string) when the call is not plain batched self-attention (separate projections, key bias,
+    zero attention, key padding mask, causal, dropout, ``need_weights=True``)."""
+    call = dict(zip(_MHA_ARGS, args))
+    call.update(kwargs)
+    x, H = call["query"], int(call["num_heads"])
+    if not (isinstance(x, torch.Tensor) and x is call["key"] and x is call["value"] and x.dim() == 3):
+        return "nn.MultiheadAttention was called with other than one batched (N, B, E) sequence for q, k and v"
+    if (call.get("use_separate_proj_weight") or call.get("bias_k") is not None or call.get("add_zero_attn")
+            or call.get("key_padding_mask") is not None or call.get("static_k") is not None
+            or call.get("is_causal") or (call.get("training", True) and call.get("dropout_p"))):
+        return ("nn.MultiheadAttention was called with separate projections, key/value bias, zero attention, a "
+                "key padding mask, causal masking or dropout")
+    if call.get("need_weights", True):
+        return "nn.MultiheadAttention was called with need_weights=True"
+    N, B, E = x.shape
+    qkv = F.linear(x, call["in_proj_weight"], call["in_proj_bias"])  # (N, B, 3E), as torch's packed projection
+    q, k, v = qkv.view(N, B, 3, H, E // H).permute(2, 1, 3, 0, 4).unbind(0)
+    mask = call.get("attn_mask")
+    if mask is not None:
+        if mask.dtype == torch.bool:  # nn.MultiheadAttention: True = not allowed to attend
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+        if mask.dim() == 3:
+            mask = mask.view(B, H, N, N)
+
+    def finish(o: torch.Tensor):
+        o = o.permute(2, 0, 1, 3).reshape(N * B, E)
+        return F.linear(o, call["out_proj_weight"], call["out_proj_bias"]).view(N, B, E), None
+
+    return q, k, v, mask, finish
+
+
+class _SDPAIntercept(TorchFunctionMode):
+    """While active, answers ``F.scaled_dot_product_attention`` calls with ``handler(layer, *args, **kwargs)``
+    (a handler returning None lets SDPA run); an ``nn.MultiheadAttention`` call is turned into its
+    self-attention SDPA call first (:func:`mha_self_attention`; ``refuse(layer, why)`` when it cannot be);
+    with ``on_softmax``, each softmax result is passed to ``on_softmax(layer, probs)``, whose non-None result
+    replaces it. Every other function passes through."""
+
+    def __init__(self, handler, refuse, on_softmax=None):
         super().__init__()
         self.handler = handler
+        self.refuse = refuse
+        self.on_softmax = on_softmax
         self.layer = -1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -91,6 +141,18 @@ class _SDPAIntercept(TorchFunctionMode):
             out = self.handler(self.layer, *args, **kwargs)
             if out is not None:
                 return out
+        elif func is _MHA:
+            call = mha_self_attention(args, kwargs)
+            if isinstance(call, str):
+                self.refuse(self.layer, call)
+            else:
+                q, k, v, mask, finish = call
+                out = self.handler(self.layer, q, k, v, attn_mask=mask)
+                return finish(_SDPA(q, k, v, attn_mask=mask) if out is None else out)
+        elif self.on_softmax is not None and func in _SOFTMAX:
+            probs = func(*args, **kwargs)
+            out = self.on_softmax(self.layer, probs)
+            return probs if out is None else out
         return func(*args, **kwargs)
 
 
@@ -98,16 +160,19 @@ class Tap:
     """Temporary hooks on every block's attention (a context manager; all removed on exit).
 
     ``sdpa(layer, q, k, v, **sdpa_kwargs) -> Tensor | None`` sees the block's SDPA call (with the q and k
-    the model really uses: after q/k norm and any rotary embedding) and may answer it (None: SDPA runs);
-    ``on_probs(layer, probs) -> Tensor | None`` is a forward hook on ``attn_drop`` (timm's explicit path:
-    the exact post-softmax attention, bias, mask and RoPE included), whose result replaces the
-    probabilities. Handlers set ``captured[layer]`` when they took a layer's attention and record in
+    the model really uses: after q/k norm and any rotary embedding; an ``nn.MultiheadAttention`` call as
+    the SDPA call it makes) and may answer it (None: SDPA runs); ``on_probs(layer, probs) -> Tensor | None``
+    sees the explicit path's probabilities (``probs_at='attn_drop'``: a forward hook on timm's
+    ``attn_drop``; ``'softmax'``: each softmax result inside the block, e.g. Hugging Face's eager
+    attention) and its result replaces them; bias, mask and RoPE are included. Handlers set ``captured[layer]`` when they took a layer's attention and record in
     ``unsupported[layer]`` why they could not. Only the thread that entered the Tap is tapped.
     """
 
-    def __init__(self, mods: Sequence[nn.Module], *, sdpa=None, on_probs=None):
+    def __init__(self, mods: Sequence[nn.Module], *, sdpa=None, on_probs=None, probs_at: str = "attn_drop"):
         self.mods = list(mods)
-        self.mode = _SDPAIntercept(sdpa) if sdpa is not None else None
+        self.probs_at = probs_at
+        softmax = self._softmax if on_probs is not None and probs_at == "softmax" else None
+        self.mode = _SDPAIntercept(sdpa, self._refuse, softmax) if sdpa is not None else None
         self.on_probs = on_probs
         self.captured = [False] * len(self.mods)
         self.unsupported: dict[int, str] = {}
@@ -135,6 +200,15 @@ class Tap:
             self._mode_on = False
             self.mode.__exit__(None, None, None)
 
+    def _refuse(self, idx, why):
+        self.unsupported[idx] = why
+
+    def _softmax(self, idx, probs):
+        p = probs if isinstance(probs, torch.Tensor) else None
+        if self.captured[idx] or p is None or p.dim() != 4 or p.shape[-1] != p.shape[-2]:
+            return None  # not a block's (B, H, N, N) attention, or the block's attention is already taken
+        return self.on_probs(idx, probs)
+
     def _probs(self, idx):
         def hook(module, args, output):
             if self.captured[idx] or not self._mine():
@@ -148,7 +222,8 @@ class Tap:
             for i, attn in enumerate(self.mods):
                 self._handles.append(attn.register_forward_pre_hook(self._pre(i)))
                 self._handles.append(attn.register_forward_hook(self._post))
-                if self.on_probs is not None and isinstance(getattr(attn, "attn_drop", None), nn.Module):
+                if self.on_probs is not None and self.probs_at == "attn_drop" \
+                        and isinstance(getattr(attn, "attn_drop", None), nn.Module):
                     self._handles.append(attn.attn_drop.register_forward_hook(self._probs(i)))
         except BaseException:
             self.__exit__(None, None, None)

@@ -1,4 +1,4 @@
-"""Which timm models the capture reads, and their token layout (no hooks here)."""
+"""Which models the capture reads, and their token layout (no hooks here; the families are in :mod:`.families`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["TokenLayout", "UnsupportedModelError", "attention_modules", "check_images", "eval_mode",
-           "token_layout"]
+__all__ = ["TokenLayout", "UnsupportedModelError", "check_images", "eval_mode", "timm_attention_modules",
+           "timm_layout"]
 
 
 class UnsupportedModelError(TypeError):
-    """The model is not a timm VisionTransformer-family model that rollout_fast can capture from."""
+    """The model is not a ViT rollout_fast can capture from exactly (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,8 @@ def _require_vit(model: nn.Module) -> None:
             + (f" missing {missing}" if isinstance(model, nn.Module) else ""))
 
 
-def token_layout(model: nn.Module, image_size: tuple[int, int]) -> TokenLayout:
-    """Prefix-token count and patch grid of ``model`` for images of ``image_size`` = (H, W) pixels.
-
-    Read from the model (``num_prefix_tokens``, ``patch_embed``), never assumed.
-
-    Raises:
-        UnsupportedModelError: ``model`` is not a timm ViT.
-        ValueError: a fixed-size model given another input size.
-    """
+def timm_layout(model: nn.Module, image_size: tuple[int, int]) -> TokenLayout:
+    """:func:`token_layout` of a timm ViT (``num_prefix_tokens``, ``patch_embed``; dynamic image size)."""
     _require_vit(model)
     pe = model.patch_embed
     H, W = int(image_size[0]), int(image_size[1])
@@ -66,17 +59,8 @@ def token_layout(model: nn.Module, image_size: tuple[int, int]) -> TokenLayout:
     return TokenLayout(int(model.num_prefix_tokens), grid, has_cls)
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The ``attn`` module of each block, checked to be a capturable timm attention.
-
-    A timm attention (``Attention``, ``RelPosAttention``, BEiT's and EVA's ``Attention``/``EvaAttention``/
-    ``AttentionRope``) has ``num_heads`` and an ``attn_drop`` module: its attention is read at its SDPA call
-    (fused path) or at ``attn_drop`` (explicit path), where the model's exact probabilities are.
-
-    Raises:
-        UnsupportedModelError: not a timm ViT, or a block's attention lacks ``num_heads`` or an
-            ``attn_drop`` module (e.g. a custom attention rollout_fast cannot read).
-    """
+def timm_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The ``attn`` module of each block of a timm ViT, checked to be a capturable timm attention."""
     _require_vit(model)
     mods = []
     for i, block in enumerate(model.blocks):

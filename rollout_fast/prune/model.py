@@ -1,14 +1,16 @@
-"""The pruned model: :class:`TokenPruner` in timm's ``patch_drop`` slot, :class:`PrunedViT`, :func:`prune_tokens`."""
+"""The pruned model: :class:`TokenPruner` in timm's ``patch_drop`` slot (or, for Hugging Face, torchvision and
+open_clip ViTs, on the input of the first block), :class:`PrunedViT`, :func:`prune_tokens`."""
 
 from __future__ import annotations
 
 import copy
 import math
+import threading
 
 import torch
 from torch import nn
 
-from ..capture import UnsupportedModelError, token_layout
+from ..capture import UnsupportedModelError, default_input_size, describe_model, token_layout
 from ..ops import GATHER_BACKENDS, topk_gather
 from .keep import check_keep_ratio, keep_count
 from .scorers import PatchScorer, StudentScorer, check_scores, make_scorer
@@ -17,10 +19,16 @@ __all__ = ["PrunedViT", "TokenPruner", "prune_tokens"]
 
 
 def _require_prunable(model: nn.Module) -> None:
-    """Raise UnsupportedModelError unless dropping patch tokens at ``patch_drop`` gives the model's own
-    computation on the kept tokens: timm's VisionTransformer layout (``patch_drop`` a module), and no
-    position information applied inside the blocks by token index (rotary embeddings would rotate the kept
-    tokens by the wrong positions; a relative-position bias would be (N, N) for N tokens no longer there)."""
+    """Raise UnsupportedModelError unless dropping patch tokens before the blocks gives the model's own
+    computation on the kept tokens: timm's VisionTransformer layout (``patch_drop`` a module) or another
+    supported family (tokens dropped at the first block's input), and no position information applied
+    inside the blocks by token index (rotary embeddings would rotate the kept tokens by the wrong positions;
+    a relative-position bias would be (N, N) for N tokens no longer there)."""
+    spec = describe_model(model) if isinstance(model, nn.Module) else None
+    if spec is not None and spec.family != "timm":
+        if spec.prune_refusal is not None:
+            raise UnsupportedModelError(f"model: {spec.prune_refusal}, so prune_tokens cannot prune it correctly")
+        return
     blocks = getattr(model, "blocks", None) if isinstance(model, nn.Module) else None
     if isinstance(blocks, nn.Module):
         _refuse_positional(model, blocks)
@@ -105,18 +113,28 @@ def _shallow_copy(model: nn.Module, pruner: TokenPruner) -> nn.Module:
 
 
 class PrunedViT(nn.Module):
-    """A timm ViT that runs on the prefix tokens + the top ``k`` patch tokens; see :func:`prune_tokens`.
+    """A ViT that runs on the prefix tokens + the top ``k`` patch tokens; see :func:`prune_tokens`.
 
     ``forward(images)`` -> the model's output (logits ``(B, num_classes)``) on the pruned sequence.
     ``forward(images, scores=S)`` uses given ``(B, G)`` / ``(B, gh, gw)`` scores instead of the scorer
-    (evaluation: one scorer pass shared by several keep ratios). ``.vit`` is the model copy,
-    ``.pruner`` its :class:`TokenPruner`, ``.last_indices`` the kept patch indices of the last call.
+    (evaluation: one scorer pass shared by several keep ratios). ``.vit`` is the model copy (timm) or the
+    model itself (other families: the pruner acts through a forward pre-hook on the first block, registered
+    for the call only and acting on the calling thread only), ``.pruner`` its :class:`TokenPruner`,
+    ``.last_indices`` the kept patch indices of the last call.
     """
 
     def __init__(self, model: nn.Module, keep_ratio: float, scorer: PatchScorer, backend: str = "auto"):
         super().__init__()
-        pruner = TokenPruner(keep_ratio, int(model.num_prefix_tokens), scorer, backend)
-        self.vit = _shallow_copy(model, pruner)
+        spec = describe_model(model)
+        P = spec.layout(default_input_size(model)).num_prefix_tokens
+        pruner = TokenPruner(keep_ratio, P, scorer, backend)
+        if spec.family == "timm":
+            self.vit = _shallow_copy(model, pruner)
+            object.__setattr__(self, "_first_block", None)
+        else:
+            self.vit = model
+            self._pruner = pruner
+            object.__setattr__(self, "_first_block", spec.prune_input)
         object.__setattr__(pruner, "_owner", self.vit)
         object.__setattr__(self, "scorer", scorer)
         object.__setattr__(self, "original", model)
@@ -125,7 +143,7 @@ class PrunedViT(nn.Module):
 
     @property
     def pruner(self) -> TokenPruner:
-        return self.vit.patch_drop
+        return self.vit.patch_drop if self._first_block is None else self._pruner
 
     @property
     def keep_ratio(self) -> float:
@@ -155,9 +173,26 @@ class PrunedViT(nn.Module):
             scores = check_scores(self.scorer.score(self.original, images), images.shape[0], layout.grid, who)
         pruner.pending = scores
         try:
-            return self.vit(images)
+            return self.vit(images) if self._first_block is None else self._hooked_forward(images)
         finally:
             pruner.pending = None
+
+    def _hooked_forward(self, images: torch.Tensor):
+        """The model's forward with the pruner applied to the first block's input tokens (B, N, D)."""
+        thread = threading.get_ident()
+
+        def prune_input(module, args, kwargs):
+            if threading.get_ident() != thread:
+                return None
+            if args:
+                return (self._pruner(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self._pruner(kwargs["hidden_states"])}
+
+        handle = self._first_block.register_forward_pre_hook(prune_input, with_kwargs=True)
+        try:
+            return self.vit(images)
+        finally:
+            handle.remove()
 
 
 def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *, backend: str = "auto",
@@ -166,8 +201,10 @@ def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *,
 
     Args:
         model: a timm VisionTransformer-family model (vit_*, deit_* incl. distilled, register tokens, q/k norm,
-            LayerScale, non-square or dynamic image size). Not modified: the result is a shallow copy sharing
-            its parameters and submodules, with its own ``patch_drop``.
+            LayerScale, non-square or dynamic image size): not modified, the result is a shallow copy sharing
+            its parameters and submodules, with its own ``patch_drop``. Or a Hugging Face ViT / DeiT / Dinov2
+            / CLIP or SigLIP vision model, a torchvision ``VisionTransformer``, an open_clip image tower: the
+            tokens are dropped at the first block's input by a hook that exists only during the call.
         keep_ratio: fraction of patch tokens kept, in (0, 1]; ``k = max(1, floor(keep_ratio * G + 0.5))``.
         scorer: a registered name ('random' | 'rollout' | 'grad-rollout' | 'cls-attention' | 'student', see
             :func:`~rollout_fast.prune.register_scorer`), a :class:`PatchScorer`, or a callable
@@ -183,10 +220,10 @@ def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *,
     Raises:
         ValueError: ``keep_ratio`` outside (0, 1]; an unknown scorer or backend; a student whose grid differs
             from the model's patch grid; at call time, a scorer returning the wrong shape or non-finite scores.
-        UnsupportedModelError (TypeError), here and never at the first forward: ``model`` is not a timm ViT
-            with a ``patch_drop`` module, or applies RoPE (EVA, vit_*_rope*) or a relative-position bias
-            (vit_relpos_*, BEiT) inside its blocks, which pruning by token index would get wrong; a scorer that
-            cannot score this model (``cls-attention`` without a class token).
+        UnsupportedModelError (TypeError), here and never at the first forward: ``model`` is not a supported
+            ViT (a timm one needs a ``patch_drop`` module), or applies RoPE (EVA, vit_*_rope*) or a relative-position bias
+            (vit_relpos_*, BEiT, Hugging Face BEiT) inside its blocks, which pruning by token index would get wrong; a scorer that
+            cannot score this model (``cls-attention`` without a class token, or on a non-timm model).
     """
     check_keep_ratio(keep_ratio)
     _require_prunable(model)
@@ -196,7 +233,7 @@ def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *,
     sc.check_model(model)
     if isinstance(sc, StudentScorer):
         sg = sc.student_grid()
-        mg = tuple(int(g) for g in model.patch_embed.grid_size)
+        mg = describe_model(model).layout(default_input_size(model)).grid
         if sg is not None and sg != mg:
             raise ValueError(f"student: predicts a {sg[0]}x{sg[1]} grid but the model's patch grid is "
                              f"{mg[0]}x{mg[1]}; use a student trained for this model")
