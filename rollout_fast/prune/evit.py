@@ -22,6 +22,7 @@ features.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -91,8 +92,11 @@ class EViT(TokenReducer):
 
     Settings: ``keep_ratio`` in (0, 1] (one for every stage, or one per stage); ``blocks`` (block indices,
     default three stages at depth/4 steps); ``fuse`` (fuse the inattentive tokens, default True).
-    ``keep_ratio=1.0`` runs the unmodified model (no interception at all).
+    ``keep_ratio=1.0`` runs the unmodified model (no interception at all). ``prune-eval --methods evit``
+    evaluates keep_ratio = 0.9, 0.7, 0.5 unless told.
     """
+
+    operating_points: ClassVar[dict[str, tuple]] = {"keep_ratio": (0.9, 0.7, 0.5)}
 
     def __init__(self, keep_ratio=0.7, blocks=None, fuse: bool = True):
         super().__init__()

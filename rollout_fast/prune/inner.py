@@ -17,14 +17,19 @@ residual in a local variable and is not copied here.
 A new method is one :func:`register_method` entry: a :class:`TokenReducer` subclass implementing
 ``bind`` (check the settings against the model, raise at build time), ``plan`` (tokens entering each block),
 ``uses_sdpa`` / ``sdpa`` (what to read from, or add to, a block's SDPA call) and ``after`` (reduce the tokens
-at the block's output). Supported models: timm ``VisionTransformer`` and subclasses (vit_*, deit_* incl.
-distilled, register tokens, LayerScale, q/k norm, parallel blocks) with SDPA on (``fused_attn``).
+at the block's output), and optionally ``operating_points`` (the settings ``rollout-fast prune-eval --methods``
+evaluates when none are given). It is then usable alone (``prune-eval --methods NAME:KEY=...``) and after a
+pre-block scorer (:func:`prune_and_reduce`, ``--methods SCORER+NAME``) with no other change.
+
+Supported models: timm ``VisionTransformer`` and subclasses (vit_*, deit_* incl. distilled, register tokens,
+LayerScale, q/k norm, parallel blocks) with SDPA on (``fused_attn``).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +38,11 @@ from torch.overrides import TorchFunctionMode
 
 from ..capture import UnsupportedModelError, token_layout
 from ..capture.hooks import SDPACall, sdpa_call
+from .keep import keep_count
+from .model import PrunedViT, prune_tokens
 
-__all__ = ["METHODS", "ReducedViT", "ReducingBlocks", "TokenReducer", "method_names", "reduce_tokens",
-           "register_method"]
+__all__ = ["METHODS", "ReducedViT", "ReducingBlocks", "TokenReducer", "method_names", "method_settings",
+           "prune_and_reduce", "reduce_tokens", "register_method"]
 
 METHODS: dict[str, type] = {}
 _SDPA = F.scaled_dot_product_attention
@@ -55,7 +62,13 @@ def register_method(name: str):
 
 
 def method_names() -> tuple[str, ...]:
+    """The registered in-network method names, in registration order."""
     return tuple(METHODS)
+
+
+def method_settings(name: str) -> tuple[str, ...]:
+    """The setting names of registered method ``name`` (its ``__init__`` arguments), e.g. ('r', 'prop_attn')."""
+    return tuple(p for p in inspect.signature(METHODS[name].__init__).parameters if p != "self")
 
 
 class TokenReducer:
@@ -64,6 +77,8 @@ class TokenReducer:
 
     name = ""
     num_prefix_tokens = 0
+    # settings -> values that prune-eval --methods evaluates by default (one operating point per value)
+    operating_points: ClassVar[dict[str, tuple]] = {}
 
     def extra_repr(self) -> str:
         return ""
@@ -138,6 +153,13 @@ class ReducingBlocks(nn.Sequential):
     def __init__(self, blocks, reducer: TokenReducer):
         super().__init__(*blocks)
         object.__setattr__(self, "reducer", reducer)  # not a submodule
+
+    def __getitem__(self, idx):
+        """A block, or (a slice) a plain ``nn.Sequential`` of the blocks: no reduction (a scorer running
+        the first blocks on the full sequence, e.g. 'cls-attention', slices them)."""
+        if isinstance(idx, slice):
+            return nn.Sequential(*list(self._modules.values())[idx])
+        return super().__getitem__(idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         red = self.reducer
@@ -214,12 +236,11 @@ def _make_reducer(method, settings: dict) -> TokenReducer:
         return method
     if method not in METHODS:
         raise ValueError(f"method: expected one of {method_names()} or a TokenReducer, got {method!r}")
-    cls = METHODS[method]
-    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    known = list(method_settings(method))
     unknown = sorted(set(settings) - set(known))
     if unknown:
         raise ValueError(f"{method}: unknown setting(s) {unknown}; expected {known}")
-    return cls(**settings)
+    return METHODS[method](**settings)
 
 
 def reduce_tokens(model: nn.Module, method="tome", **settings) -> ReducedViT:
@@ -249,3 +270,52 @@ def reduce_tokens(model: nn.Module, method="tome", **settings) -> ReducedViT:
     img = getattr(model.patch_embed, "img_size", None)
     reducer.bind(model, token_layout(model, tuple(img) if img is not None else (224, 224)))
     return ReducedViT(model, reducer)
+
+
+def prune_and_reduce(model: nn.Module, keep_ratio: float, scorer="student", method="tome",
+                     settings: dict | None = None, *, scorer_options: dict | None = None,
+                     backend: str = "auto") -> PrunedViT:
+    """Pre-select patch tokens with a scorer, then reduce the kept tokens inside the network.
+
+    ``prune_and_reduce(model, 0.75, "student", "tome", {"r": 4}, scorer_options={"student": s})``: the model keeps
+    the prefix tokens and the ``keep_count(keep_ratio, G)`` best-scored patches before the blocks (exactly
+    :func:`~rollout_fast.prune.prune_tokens`; the scorer sees the full image and the unmodified model), and
+    ``method`` then reduces those tokens between the blocks (exactly :func:`reduce_tokens`). Our combination
+    of the student pre-selection with ToMe (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023),
+    or with any other registered method.
+
+    Args:
+        model: a timm VisionTransformer that both :func:`~rollout_fast.prune.prune_tokens` and
+            :func:`reduce_tokens` accept. Not modified (a shallow copy, parameters and blocks shared).
+        keep_ratio: fraction of patch tokens kept before the blocks, in (0, 1].
+        scorer: a scorer name, :class:`~rollout_fast.prune.PatchScorer` or callable (see ``prune_tokens``).
+        method: a :func:`register_method` name or a :class:`TokenReducer`.
+        settings: the method's settings (``{"r": 4}``; EViT's own ``{"keep_ratio": 0.7}``), None for its defaults.
+        scorer_options: keywords of :func:`~rollout_fast.prune.make_scorer` (``student``, ``seed``, ...).
+        backend: the top-k gather backend.
+
+    Returns:
+        :class:`~rollout_fast.prune.PrunedViT` whose ``vit.blocks`` is a :class:`ReducingBlocks` (its
+        ``reducer``: the method). ``pruned(images)`` / ``pruned(images, scores=S)`` -> logits (B, classes);
+        at ``keep_ratio=1.0`` it equals :func:`reduce_tokens`' model, and with a no-reduction setting too
+        (``r=0``) the unpruned model, exactly.
+
+    Raises:
+        ValueError: anything ``prune_tokens`` or ``reduce_tokens`` refuses, and settings that do not fit the
+            tokens left after pre-selection (ToMe: ``r`` above half the unprotected tokens at some block).
+        UnsupportedModelError (TypeError): a model either function refuses.
+    """
+    reducer = _make_reducer(method, dict(settings or {}))
+    _require_reducible(model)
+    pruned = prune_tokens(model, keep_ratio, scorer, backend=backend, **(scorer_options or {}))
+    img = getattr(model.patch_embed, "img_size", None)
+    layout = token_layout(model, tuple(img) if img is not None else (224, 224))
+    reducer.bind(model, layout)
+    G = layout.grid[0] * layout.grid[1]
+    kept = keep_count(keep_ratio, G)
+    try:
+        reducer.plan(layout.num_prefix_tokens + kept)
+    except ValueError as e:
+        raise ValueError(f"{e} (after pre-selection keeps {kept} of {G} patch tokens)") from None
+    pruned.vit._modules["blocks"] = ReducingBlocks(model.blocks, reducer)  # pruned.vit owns its _modules
+    return pruned

@@ -20,6 +20,8 @@ little less speed-up per ``r``), and the merged features are post-MLP rather tha
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from .inner import TokenReducer, register_method
@@ -120,8 +122,12 @@ class ToMe(TokenReducer):
     """ToMe: merge ``r`` tokens per block (see the module docstring).
 
     Settings: ``r`` (int, or one int per block); ``prop_attn`` (proportional attention, default True as
-    ToMe off the shelf). ``r=0`` runs the unmodified model (no interception at all).
+    ToMe off the shelf). ``r=0`` runs the unmodified model (no interception at all). ``prune-eval --methods
+    tome`` evaluates r = 2, 4, 6, 8 unless told (a constant r must fit every block: 65 tokens over 6 blocks
+    allow r <= 9; larger totals need one r per block, e.g. ``r=[16,12,8,4,2,1]``).
     """
+
+    operating_points: ClassVar[dict[str, tuple]] = {"r": (2, 4, 6, 8)}
 
     def __init__(self, r=8, prop_attn: bool = True):
         super().__init__()

@@ -1,4 +1,6 @@
-"""The prune-eval result as Markdown tables, files (CSV, JSON, Markdown) and the top-1 plot."""
+"""The prune-eval results as Markdown tables, files (CSV, JSON, Markdown) and plots: the scorer study
+(:func:`~rollout_fast.prune.prune_eval`: top-1 against the fraction dropped) and the method comparison
+(:func:`~rollout_fast.prune.study.compare_methods`: top-1 against the measured speed-up)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ from pathlib import Path
 
 from ..checkpoint import check_output_dir, remove_outputs
 
-__all__ = ["PRUNE_OUTPUTS", "format_table", "plot_prune_eval", "write_prune_eval"]
+__all__ = ["METHOD_OUTPUTS", "PRUNE_OUTPUTS", "format_methods_table", "format_table", "plot_methods",
+           "plot_prune_eval", "write_methods", "write_prune_eval"]
 
-# what write_prune_eval writes in its folder (an earlier run's are refused, or removed with overwrite)
-PRUNE_OUTPUTS = ("results.csv", "throughput.csv", "results.json", "results.md", "prune_top1.png")
+# what compare_methods' writer puts in its folder
+METHOD_OUTPUTS = ("methods.csv", "methods.json", "methods.md", "methods_top1_speedup.png")
+# what either writer puts in a prune-eval folder (an earlier run's are refused, or removed with overwrite)
+PRUNE_OUTPUTS = ("results.csv", "throughput.csv", "results.json", "results.md", "prune_top1.png", *METHOD_OUTPUTS)
 
 
 def format_table(result: dict) -> str:
@@ -55,17 +60,11 @@ def write_prune_eval(result: dict, out, *, overwrite: bool = False) -> list:
         FileExistsError: ``out`` holds an earlier run and ``overwrite`` is False (nothing is written).
         NotADirectoryError / PermissionError: ``out`` is a file, or cannot be written.
     """
-    out = Path(out)
-    remove_outputs(out, check_output_dir(out, PRUNE_OUTPUTS, overwrite=overwrite))
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare(out, overwrite)
     paths = []
     for name, table in (("results.csv", result["rows"]), ("throughput.csv", result["throughput"])):
         if table:
-            with (out / name).open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(table[0]))
-                w.writeheader()
-                w.writerows(table)
-            paths.append(out / name)
+            paths.append(_write_csv(out / name, table))
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(format_table(result) + "\n")
     paths += [out / "results.json", out / "results.md"]
@@ -99,6 +98,108 @@ def plot_prune_eval(result: dict, path):
     ax.set_title(f"{m.get('model', 'model')}: pruned inference on {m['images']} images", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _prepare(out, overwrite: bool) -> Path:
+    """``out`` checked (an earlier prune-eval run refused, or removed with ``overwrite``) and created."""
+    out = Path(out)
+    remove_outputs(out, check_output_dir(out, PRUNE_OUTPUTS, overwrite=overwrite))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_csv(path: Path, table: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    return path
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def format_methods_table(result: dict) -> str:
+    """The method comparison as one Markdown table (README-ready): method, setting, mean tokens per block,
+    top-1 and its change against the full model, then images/s and speed-up for each timed batch size; a
+    line below names the images, device and threads."""
+    rows, m = result["rows"], result["meta"]
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    timed = [b for b in batches if b is not None]
+    head = ["method", "setting", "tokens/block", "top-1", "Δ top-1"]
+    head += [c for b in timed for c in (f"images/s (batch {b})", f"speed-up (batch {b})")]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    by = {(r["method"], r["setting"], r["batch"]): r for r in rows}
+    full = m["full_top1"]
+    for method, setting in dict.fromkeys((r["method"], r["setting"]) for r in rows):
+        r = by[(method, setting, batches[0])]
+        delta = None if r["top1"] is None or full is None else r["top1"] - full
+        cells = [method, setting, f"{r['tokens']:g}", _fmt(r["top1"], ".4f"), _fmt(delta, "+.4f")]
+        for b in timed:
+            t = by[(method, setting, b)]
+            cells += [_fmt(t["images_per_s"], ".1f"), _fmt(t["speedup"], ".2f") + "x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    seen = f"top-1 on {m['images']} images" if m["images"] else "throughput only"
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+    lines.append(f"\n{m.get('model', 'model')}: {seen}; images/s on {m['device']} ({threads}), each method "
+                 "timed in alternation with the full model, its own cost included")
+    return "\n".join(lines)
+
+
+def write_methods(result: dict, out, *, overwrite: bool = False) -> list:
+    """Write ``methods.csv`` (one row per method, setting and batch), ``methods.json`` (the whole result),
+    ``methods.md`` (:func:`format_methods_table`) and, when matplotlib is installed and the result has both
+    top-1 and timings, ``methods_top1_speedup.png`` (:func:`plot_methods`) to ``out``.
+
+    Raises:
+        FileExistsError: ``out`` holds an earlier prune-eval run and ``overwrite`` is False (nothing written).
+        NotADirectoryError / PermissionError: ``out`` is a file, or cannot be written.
+    """
+    out = _prepare(out, overwrite)
+    paths = [_write_csv(out / "methods.csv", result["rows"])]
+    (out / "methods.json").write_text(json.dumps(result, indent=2))
+    (out / "methods.md").write_text(format_methods_table(result) + "\n")
+    paths += [out / "methods.json", out / "methods.md"]
+    plottable = any(r["top1"] is not None and r["speedup"] is not None for r in result["rows"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plottable = False
+    if plottable:
+        paths.append(plot_methods(result, out / "methods_top1_speedup.png"))
+    return paths
+
+
+def plot_methods(result: dict, path):
+    """Top-1 against the measured speed-up, one curve per method (points labelled with their setting), the
+    full model at 1x; one panel per timed batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, m = result["rows"], result["meta"]
+    batches = [b for b in dict.fromkeys(r["batch"] for r in rows) if b is not None]
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), dpi=120, squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
+            rs = sorted((r for r in rows if r["method"] == method and r["batch"] == b), key=lambda r: r["speedup"])
+            line, = ax.plot([r["speedup"] for r in rs], [r["top1"] for r in rs], marker="o", label=method)
+            for r in rs:
+                ax.annotate(r["setting"], (r["speedup"], r["top1"]), fontsize=6, color=line.get_color(),
+                            xytext=(3, 3), textcoords="offset points")
+        ax.axhline(m["full_top1"], color="gray", ls="--", lw=1)
+        ax.plot([1.0], [m["full_top1"]], marker="*", ms=10, color="black", ls="", label=f"full ({m['full_top1']:.3f})")
+        ax.set_xlabel(f"speed-up over the full model (images/s, batch {b}, {m['device']})")
+        ax.set_ylabel("top-1")
+        ax.set_title(f"{m.get('model', 'model')}: {m['images']} images", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

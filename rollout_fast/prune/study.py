@@ -1,26 +1,53 @@
-"""The prune-eval study: top-1 of a ViT pruned by each scorer at each keep ratio, and its throughput.
+"""The prune-eval study: top-1 of a ViT pruned by each scorer at each keep ratio, and its throughput; and the
+comparison of token-reduction methods at their operating points.
 
-:func:`prune_eval` computes; :mod:`rollout_fast.prune.report` formats, writes and plots the result. The
-``rollout-fast prune-eval`` command (:mod:`rollout_fast.cli.prune_eval`) and ``python/prune_eval.py`` run it.
+:func:`prune_eval` (scorers x keep ratios, tokens dropped before the blocks) and :func:`compare_methods`
+(any method at its operating points: pre-block scorers, in-network methods such as ToMe and EViT, and a
+scorer's pre-selection followed by an in-network method; top-1, images/s and speed-up in one run) compute;
+:mod:`rollout_fast.prune.report` formats, writes and plots the results. The ``rollout-fast prune-eval``
+command (:mod:`rollout_fast.cli.prune_eval`, ``--scorers/--keep`` or ``--methods``) and
+``python/prune_eval.py`` run them.
+
+A method of :func:`compare_methods` is a spec string ``NAME[:KEY=V1,V2,...]...`` (:func:`parse_method`):
+
+- ``NAME``: a pre-block scorer (:func:`~rollout_fast.prune.register_scorer`: ``random``, ``student``, ...;
+  :func:`~rollout_fast.prune.prune_tokens`), an in-network method (:func:`~rollout_fast.prune.register_method`:
+  ``tome``, ``evit``; :func:`~rollout_fast.prune.reduce_tokens`), or ``SCORER+METHOD`` (pre-select with the
+  scorer, then reduce inside: :func:`~rollout_fast.prune.inner.prune_and_reduce`, e.g. ``student+tome``).
+  So a new scorer or method is one registry entry, usable here with no other change.
+- ``KEY=V1,V2``: the operating points of one setting; values are JSON (numbers, ``true``, ``[1,2,3]``;
+  commas inside brackets do not split). Keys: a scorer's ``keep`` (= ``keep_ratio``, default
+  :data:`PRESELECT_POINTS`) and ``seed``; a method's own arguments (ToMe ``r``, ``prop_attn``; EViT
+  ``keep`` = ``keep_ratio``, ``blocks``, ``fuse``; defaults: its ``operating_points``). In ``SCORER+METHOD``
+  a key goes to the scorer when both have it; ``METHOD.KEY`` (``evit.keep``) names the other.
+- Several keys: every combination (``student+tome:keep=0.75,0.5:r=2,4`` is four operating points).
+
+Examples: ``tome:r=2,4,6,8``, ``evit:keep=0.7,0.5:blocks=[1,2,3]``, ``student:keep=0.75,0.5``,
+``random:keep=0.5:seed=0,1,2``, ``student+tome:keep=0.75:r=2,4``.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
+import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..capture import token_layout
-from .keep import keep_count
+from ..capture import UnsupportedModelError, token_layout
+from .inner import METHODS, method_names, method_settings, prune_and_reduce, reduce_tokens
+from .keep import check_keep_ratio, keep_count
 from .model import prune_tokens
-from .scorers import PatchScorer, RandomScorer, check_scores, make_scorer
+from .scorers import PatchScorer, RandomScorer, check_scores, make_scorer, scorer_names
 from .timing import measure_speedup, measure_throughput
 
-__all__ = ["prune_eval"]
+__all__ = ["PRESELECT_POINTS", "BuiltMethod", "MethodSpec", "OperatingPoint", "build_methods", "compare_methods",
+           "parse_method", "prune_eval"]
 
 
 def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, scorers: Sequence[str],
@@ -105,22 +132,36 @@ def _accuracy_rows(runs, correct, keeps, n: int, G: int) -> list[dict]:
 def _throughput(model, images, timed, keeps, bsz: int, min_time: float, device) -> list[dict]:
     """Rows for batch ``bsz``: 'full' (median of the alternated full-model timings) then each scorer and
     keep ratio below 1."""
-    xb = images.repeat(-(-bsz // images.shape[0]), 1, 1, 1)[:bsz].to(device)
-    fulls, entries = [], []
-    for name, sc in timed.items():
-        for r in keeps:
-            if r >= 1.0:
-                continue
+    xb = _timing_batch(images, bsz, device)
+    configs = [(name, r, sc) for name, sc in timed.items() for r in keeps if r < 1.0]
+    full, ips = _time_against_full(model, xb, [(lambda r=r, sc=sc: prune_tokens(model, r, sc), sc)
+                                               for _, r, sc in configs], min_time)
+    return [{"scorer": "full", "keep_ratio": 1.0, "batch": bsz, "images_per_s": full, "speedup": 1.0},
+            *({"scorer": name, "keep_ratio": r, "batch": bsz, "images_per_s": v, "speedup": v / full}
+              for (name, r, _), v in zip(configs, ips))]
+
+
+def _timing_batch(images: torch.Tensor, bsz: int, device) -> torch.Tensor:
+    """``bsz`` images (the evaluation images repeated as needed) on ``device``."""
+    return images.repeat(-(-bsz // images.shape[0]), 1, 1, 1)[:bsz].to(device)
+
+
+def _time_against_full(model, xb, runs: Sequence[tuple[Callable[[], Callable], PatchScorer | None]],
+                       min_time: float) -> tuple[float, list[float]]:
+    """``(full model images/s, [images/s of each run])`` on batch ``xb``: each run (``make() -> fn``, its scorer
+    reset first) timed in alternation with the full model (:func:`measure_speedup`); the full figure is the
+    median of those alternated timings (one timing alone when there are no runs)."""
+    fulls, ips = [], []
+    for make, sc in runs:
+        if sc is not None:
             sc.reset()
-            full, ips = measure_speedup(model, prune_tokens(model, r, sc), xb, min_time=min_time)
-            fulls.append(full)
-            entries.append({"scorer": name, "keep_ratio": r, "batch": bsz, "images_per_s": ips,
-                            "speedup": ips / full})
+        full, v = measure_speedup(model, make(), xb, min_time=min_time)
+        fulls.append(full)
+        ips.append(v)
     if not fulls:
         fulls.append(measure_throughput(model, xb, min_time=min_time))
     fulls.sort()
-    return [{"scorer": "full", "keep_ratio": 1.0, "batch": bsz, "images_per_s": fulls[len(fulls) // 2],
-             "speedup": 1.0}, *entries]
+    return fulls[len(fulls) // 2], ips
 
 
 def _environment(device) -> dict:
@@ -128,3 +169,304 @@ def _environment(device) -> dict:
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+# --- compare_methods: token-reduction methods at their operating points, in one run -----------------------
+
+PRESELECT_POINTS = (0.75, 0.5, 0.4, 0.25)  # keep ratios a pre-block scorer is evaluated at unless told
+_SCORER_KEYS = ("keep_ratio", "seed")
+_ALIASES = {"keep": "keep_ratio"}
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One setting of a method: ``label`` ('keep=0.5 r=4', as in the tables), the scorer's settings
+    (``keep_ratio``, ``seed``) and the in-network method's (its own argument names)."""
+
+    label: str
+    scorer: dict
+    reducer: dict
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and its operating points (:func:`parse_method`). ``scorer`` / ``reducer``: the pre-block
+    scorer and the in-network method names (either may be None; both for ``SCORER+METHOD``)."""
+
+    text: str
+    name: str
+    scorer: str | None
+    reducer: str | None
+    points: tuple[OperatingPoint, ...]
+
+
+def parse_method(text: str) -> MethodSpec:
+    """A method spec ``NAME[:KEY=V1,V2,...]...`` (see the module docstring) as a :class:`MethodSpec`.
+
+    Raises:
+        ValueError: an unknown method name, an unknown or repeated setting, a malformed ``KEY=VALUES``, a keep
+            ratio outside (0, 1] or a negative / non-integer seed; the message starts with ``text``. Settings
+            the model decides (ToMe's ``r`` against the token count) are checked by :func:`build_methods`.
+    """
+    text = str(text).strip()
+    try:
+        name, *parts = [p.strip() for p in text.split(":")]
+        scorer, reducer = _method_parts(name)
+        given: dict[tuple[str, str], list] = {}
+        for part in parts:
+            raw, eq, values = part.partition("=")
+            if not eq or not raw.strip():
+                raise ValueError(f"expected KEY=VALUE[,VALUE...] after ':', got {part!r}")
+            kind, key = _setting_key(raw.strip(), scorer, reducer)
+            if (kind, key) in given:
+                raise ValueError(f"{raw.strip()}: given twice")
+            given[(kind, key)] = _check_values(kind, key, _values(values, raw.strip()))
+        if scorer is not None:
+            given.setdefault(("scorer", "keep_ratio"), list(PRESELECT_POINTS))
+        if reducer is not None:
+            for key, values in METHODS[reducer].operating_points.items():
+                given.setdefault(("reducer", key), list(values))
+    except ValueError as e:
+        raise ValueError(f"{text}: {e}") from None
+    points = []
+    for combo in itertools.product(*given.values()):
+        settings = {"scorer": {}, "reducer": {}}
+        for (kind, key), v in zip(given, combo):
+            settings[kind][key] = v
+        label = " ".join(_label(kind, key, v, scorer, reducer) for (kind, key), v in zip(given, combo))
+        points.append(OperatingPoint(label, settings["scorer"], settings["reducer"]))
+    return MethodSpec(text, name, scorer, reducer, tuple(points))
+
+
+def _method_parts(name: str) -> tuple[str | None, str | None]:
+    scorers, methods = scorer_names(), method_names()
+    if name in scorers:
+        return name, None
+    if name in methods:
+        return None, name
+    a, plus, b = name.partition("+")
+    if plus and a in scorers and b in methods:
+        return a, b
+    raise ValueError(f"unknown method {name!r}; expected a scorer ({', '.join(scorers)}), an in-network method "
+                     f"({', '.join(methods)}) or SCORER+METHOD (e.g. student+tome)")
+
+
+def _keys(kind: str, name: str) -> tuple[str, ...]:
+    return _SCORER_KEYS if kind == "scorer" else method_settings(name)
+
+
+def _setting_key(raw: str, scorer: str | None, reducer: str | None) -> tuple[str, str]:
+    """``(kind, canonical key)`` of setting ``raw`` ('keep', 'r', 'evit.keep'): 'scorer' or 'reducer'."""
+    prefix, dot, key = raw.rpartition(".")
+    key = _ALIASES.get(key, key)
+    parts = [(k, n) for k, n in (("scorer", scorer), ("reducer", reducer)) if n is not None]
+    if dot:
+        parts = [(k, n) for k, n in parts if n == prefix]
+        if not parts:
+            raise ValueError(f"{raw}: {prefix!r} is not part of this method")
+    for kind, name in parts:
+        if key in _keys(kind, name):
+            return kind, key
+    known = [k for kind, name in parts for k in _keys(kind, name)]
+    note = " (keep = keep_ratio)" if "keep_ratio" in known else ""
+    raise ValueError(f"unknown setting {raw!r}; expected one of {known}{note}")
+
+
+def _values(text: str, raw: str) -> list:
+    """Comma-separated JSON values (commas inside [...] do not split); a word that is not JSON stays a string."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    if any(not i.strip() for i in items):
+        raise ValueError(f"{raw}: expected comma-separated values, got {text!r}")
+    out = []
+    for item in items:
+        try:
+            out.append(json.loads(item))
+        except json.JSONDecodeError:
+            out.append(item.strip())
+    return out
+
+
+def _check_values(kind: str, key: str, values: list) -> list:
+    for v in values:
+        if key == "keep_ratio":
+            for r in v if isinstance(v, list) and kind == "reducer" else [v]:
+                check_keep_ratio(r)
+        elif kind == "scorer" and key == "seed" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"seed: expected a non-negative int, got {v!r}")
+    return values
+
+
+def _label(kind: str, key: str, value, scorer, reducer) -> str:
+    shown = "keep" if key == "keep_ratio" else key
+    if kind == "reducer" and scorer is not None and key in _SCORER_KEYS:
+        shown = f"{reducer}.{shown}"
+    return f"{shown}={json.dumps(value, separators=(',', ':'))}"
+
+
+@dataclass
+class BuiltMethod:
+    """One method at one operating point, built on the model (:func:`build_methods`).
+
+    ``module(images)`` -> logits with the method's own cost (the scorer runs inside); with a pre-block
+    ``scorer``, ``module(images, scores=S)`` takes (B, G) scores computed once and shared (``scorer_key``
+    names them; ``needs_scores`` is False when nothing is dropped before the blocks). ``tokens``: the tokens
+    entering each block for the model's image size.
+    """
+
+    method: str
+    setting: str
+    module: nn.Module
+    scorer: PatchScorer | None
+    scorer_key: tuple | None
+    needs_scores: bool
+    tokens: list[int]
+
+
+def build_methods(model: nn.Module, methods: Sequence[str | MethodSpec], image_size: tuple[int, int], *,
+                  student=None, thumbnail=None, block: int = 0, rollout_discard_ratio: float = 0.9
+                  ) -> list[BuiltMethod]:
+    """Every method of ``methods`` (spec strings or :class:`MethodSpec`) at each of its operating points.
+
+    One scorer per (scorer name, seed) is made (``student``, ``thumbnail``, ``block``,
+    ``rollout_discard_ratio``: :func:`~rollout_fast.prune.make_scorer`'s options) and shared by its points.
+    Building is cheap (shallow copies); nothing runs.
+
+    Raises:
+        ValueError / UnsupportedModelError: a bad spec (:func:`parse_method`), or a method or setting the
+            model refuses (r too large for its tokens, 'student' without a student, EViT without a class
+            token); the message starts with the spec and the operating point.
+    """
+    layout = token_layout(model, tuple(image_size))
+    G, P, depth = layout.grid[0] * layout.grid[1], layout.num_prefix_tokens, len(model.blocks)
+    options = {"student": student, "thumbnail": thumbnail, "block": block,
+               "rollout_discard_ratio": rollout_discard_ratio}
+    scorers: dict[tuple, PatchScorer] = {}
+    built = []
+    for spec in (m if isinstance(m, MethodSpec) else parse_method(m) for m in methods):
+        for pt in spec.points:
+            try:
+                built.append(_build_one(model, spec, pt, scorers, options, G, P, depth, layout.num_tokens))
+            except (ValueError, UnsupportedModelError) as e:
+                err = ValueError if isinstance(e, ValueError) else UnsupportedModelError
+                raise err(f"{spec.text}: {pt.label}: {e}") from None
+    return built
+
+
+def _build_one(model, spec: MethodSpec, pt: OperatingPoint, scorers: dict, options: dict, G: int, P: int,
+               depth: int, num_tokens: int) -> BuiltMethod:
+    if spec.scorer is None:
+        module = reduce_tokens(model, spec.reducer, **pt.reducer)
+        return BuiltMethod(spec.name, pt.label, module, None, None, False, module.method.plan(num_tokens)[:-1])
+    key = (spec.scorer, pt.scorer.get("seed", 0))
+    if key not in scorers:
+        scorers[key] = make_scorer(spec.scorer, seed=key[1], **options)
+    sc, keep = scorers[key], pt.scorer["keep_ratio"]
+    k = keep_count(keep, G)
+    if spec.reducer is None:
+        module, tokens = prune_tokens(model, keep, sc), [P + k] * depth
+    else:
+        module = prune_and_reduce(model, keep, sc, spec.reducer, pt.reducer)
+        tokens = module.vit.blocks.reducer.plan(P + k)[:-1]
+    return BuiltMethod(spec.name, pt.label, module, sc, key, k < G, tokens)
+
+
+def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, methods: Sequence[str | MethodSpec],
+                    *, batch_size: int = 256, throughput_batches: Sequence[int] = (1, 256),
+                    throughput_time: float = 1.0, device="cpu", student=None, thumbnail=None, block: int = 0,
+                    rollout_discard_ratio: float = 0.9, progress: bool = True, accuracy: bool = True) -> dict:
+    """Top-1, images/s and speed-up of each method at each operating point, on the same images, model and run.
+
+    Args:
+        model: a timm ViT (moved to ``device``, eval mode).
+        images: (B, 3, H, W) float evaluation images (the model's normalisation applied); labels: (B,) int64.
+        methods: spec strings (``'tome:r=2,4'``, ``'student+tome:keep=0.75:r=2'``; see the module docstring)
+            or :class:`MethodSpec`.
+        batch_size: evaluation batch. throughput_batches: batch sizes timed (empty: no timing).
+        throughput_time: seconds per timing (median of runs, at least 3 each).
+        student, thumbnail, block, rollout_discard_ratio: the scorers' options (:func:`make_scorer`).
+        accuracy: False only times (top-1 None).
+
+    Top-1: the full model's logits once per batch; each pre-block scorer's scores once per batch and scorer
+    (shared by its keep ratios and its ``SCORER+METHOD`` points). Throughput: each method at each point is
+    timed on batches of the evaluation images, with its own cost (the scorer's forward, ToMe's matching,
+    EViT's top-k) included, in alternation with the full model (:func:`measure_speedup`), so ``speedup``
+    compares runs under the same machine load; the 'full' rows are the median of those full timings.
+
+    Returns:
+        dict: ``rows``, one per (method, setting, batch): ``method``, ``setting`` ('-' for the full model),
+        ``batch`` (None without timing), ``tokens`` (mean tokens entering a block), ``top1``, ``images_per_s``,
+        ``speedup``; the 'full' rows first. ``methods``: the spec strings. ``meta``: full top-1, image count,
+        patch grid, device, CPU, threads, torch, date, load average.
+
+    Raises:
+        ValueError / UnsupportedModelError: see :func:`build_methods` (raised before any compute).
+    """
+    model = model.to(device).eval()
+    specs = [m if isinstance(m, MethodSpec) else parse_method(m) for m in methods]
+    runs = build_methods(model, specs, tuple(images.shape[-2:]), student=student, thumbnail=thumbnail,
+                         block=block, rollout_discard_ratio=rollout_discard_ratio)
+    layout = token_layout(model, tuple(images.shape[-2:]))
+    full_top1, top1 = None, [None] * len(runs)
+    if accuracy:
+        full_top1, top1 = _methods_accuracy(model, images, labels, runs, batch_size, layout.grid, device, progress)
+    timing = {}
+    for bsz in throughput_batches:
+        timing[bsz] = _time_against_full(model, _timing_batch(images, bsz, device),
+                                         [(lambda r=r: r.module, r.scorer) for r in runs], throughput_time)
+    rows = _method_rows(runs, full_top1, top1, timing, layout.num_tokens)
+    meta = {"full_top1": full_top1, "images": images.shape[0] if accuracy else 0,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "num_patches": layout.grid[0] * layout.grid[1], "num_prefix_tokens": layout.num_prefix_tokens,
+            "num_tokens": layout.num_tokens, "depth": len(model.blocks), **_environment(device),
+            "rollout_discard_ratio": rollout_discard_ratio, "cls_block": block}
+    return {"rows": rows, "methods": [s.text for s in specs], "meta": meta}
+
+
+def _methods_accuracy(model, images, labels, runs: list[BuiltMethod], batch_size: int, grid, device,
+                      progress: bool) -> tuple[float, list[float]]:
+    """``(full-model top-1, [top-1 of each run])``; scores computed once per batch and scorer."""
+    from tqdm.auto import tqdm
+
+    for r in runs:
+        if r.scorer is not None:
+            r.scorer.reset()
+    full_correct, correct = 0, [0] * len(runs)
+    n = images.shape[0]
+    with torch.inference_mode():
+        for start in tqdm(range(0, n, batch_size), desc="prune-eval --methods", disable=not progress):
+            x = images[start:start + batch_size].to(device)
+            y = labels[start:start + batch_size].to(device)
+            full_correct += int((model(x).argmax(-1) == y).sum())
+            scores: dict[tuple, torch.Tensor] = {}
+            for i, r in enumerate(runs):
+                if r.needs_scores:
+                    if r.scorer_key not in scores:
+                        scores[r.scorer_key] = check_scores(r.scorer.score(model, x), x.shape[0], grid,
+                                                            f"scorer {r.scorer.name!r}")
+                    out = r.module(x, scores=scores[r.scorer_key])
+                else:
+                    out = r.module(x)
+                correct[i] += int((out.argmax(-1) == y).sum())
+    return full_correct / n, [c / n for c in correct]
+
+
+def _method_rows(runs: list[BuiltMethod], full_top1, top1: list, timing: dict, num_tokens: int) -> list[dict]:
+    batches = list(timing) or [None]
+    rows = [{"method": "full", "setting": "-", "batch": b, "tokens": float(num_tokens), "top1": full_top1,
+             "images_per_s": timing[b][0] if b is not None else None, "speedup": 1.0 if b is not None else None}
+            for b in batches]
+    for i, r in enumerate(runs):
+        for b in batches:
+            ips = timing[b][1][i] if b is not None else None
+            rows.append({"method": r.method, "setting": r.setting, "batch": b,
+                         "tokens": round(sum(r.tokens) / len(r.tokens), 2), "top1": top1[i], "images_per_s": ips,
+                         "speedup": ips / timing[b][0] if b is not None else None})
+    return rows
