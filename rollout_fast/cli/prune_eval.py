@@ -1,4 +1,6 @@
-"""``rollout-fast prune-eval``: top-1 and throughput of token-pruned inference (:func:`rollout_fast.prune.prune_eval`)."""
+"""``rollout-fast prune-eval``: top-1 and throughput of token-pruned inference: scorers x keep ratios
+(:func:`rollout_fast.prune.prune_eval`), or ``--methods`` at their operating points
+(:func:`rollout_fast.prune.study.compare_methods`)."""
 
 from __future__ import annotations
 
@@ -10,28 +12,43 @@ from .common import key_values
 
 __all__ = ["register", "run"]
 
+DEFAULT_SCORERS = "random,rollout,cls-attention,student"
+DEFAULT_KEEP = "1.0,0.9,0.75,0.5,0.4,0.25,0.1"
+METHODS_HELP = (
+    "compare token-reduction methods instead of --scorers/--keep: each SPEC is NAME[:KEY=V1,V2,...]..., NAME "
+    "a pre-block scorer ({scorers}), an in-network method ({methods}) or SCORER+METHOD (pre-select, then "
+    "reduce inside, e.g. student+tome); KEY=V1,V2 the operating points of one setting (scorers: keep, seed; "
+    "ToMe: r, prop_attn; EViT: keep, blocks, fuse; JSON values, [1,2,3] a list; several keys: every "
+    "combination; METHOD.KEY for a key both parts have). E.g. --methods tome:r=2,4,6,8 "
+    "'evit:keep=0.7,0.5:blocks=[1,2,3]' student:keep=0.75,0.5 student+tome:keep=0.75:r=2,4. Writes "
+    "methods.csv/json/md and methods_top1_speedup.png (top-1 against speed-up)")
+
 
 def register(subparsers) -> None:
-    from ..prune import SCORERS
+    from ..prune import SCORERS, method_names
 
     p = subparsers.add_parser(
         "prune-eval", help="top-1 and throughput of token-pruned inference against the fraction of tokens dropped",
         description="Prune patch tokens before the blocks with several scorers and keep ratios; write "
-                    "results.csv/json, prune_top1.png and throughput.csv to --out.")
+                    "results.csv/json, prune_top1.png and throughput.csv to --out. With --methods: compare "
+                    "token-reduction methods (ToMe, EViT, scorers, scorer + ToMe) at their operating points.")
     p.add_argument("--model", default="cifar10-vit",
                    help="'cifar10-vit' (embedded teacher), a timm model name, or a rollout_fast .safetensors")
     p.add_argument("--checkpoint", default=None, help="local weights for a timm model")
     p.add_argument("--timm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model argument for a timm name (JSON value), e.g. img_size=64")
     p.add_argument("--data", required=True, help="ImageFolder split, or a folder with labels.csv + images/")
-    p.add_argument("--scorers", default="random,rollout,cls-attention,student",
+    p.add_argument("--scorers", default=None,
                    help=f"comma-separated, from {', '.join(SCORERS)} (grad-rollout: a second oracle, "
-                        "the model's gradient rollout for its predicted class)")
-    p.add_argument("--keep", default="1.0,0.9,0.75,0.5,0.4,0.25,0.1", help="keep ratios in (0, 1]")
+                        f"the model's gradient rollout for its predicted class); default {DEFAULT_SCORERS}")
+    p.add_argument("--keep", default=None, help=f"keep ratios in (0, 1]; default {DEFAULT_KEEP}")
+    p.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
+                   help=METHODS_HELP.format(scorers=", ".join(SCORERS), methods=", ".join(method_names())))
     p.add_argument("--out", required=True, help="output folder (checked before any compute)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out (its results and plot are removed first)")
-    p.add_argument("--seeds", type=int, default=3, help="random-scorer seeds averaged (0 .. n-1)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="random-scorer seeds averaged (0 .. n-1); with --methods: random:seed=0,1,2")
     p.add_argument("--limit", type=int, default=None, help="evaluate on this many images only")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch and the large throughput batch")
     p.add_argument("--throughput-batches", default="1,256", help="batch sizes timed ('' to skip timing)")
@@ -60,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import check_output_dir
-    from ..data import load_eval_data
-    from ..prune import format_table, prune_eval, write_prune_eval
     from ..prune.report import PRUNE_OUTPUTS
     from ..zoo import load_teacher
 
@@ -72,29 +87,62 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, data_config = load_teacher(args.model, checkpoint=args.checkpoint, device=device, **opts["timm_kwargs"])
+    common = {"batch_size": args.batch_size, "throughput_batches": opts["batches"],
+              "throughput_time": args.throughput_time, "device": device, "student": opts["student"],
+              "thumbnail": args.student_thumbnail, "block": args.cls_block,
+              "rollout_discard_ratio": args.rollout_discard, "progress": not args.no_progress,
+              "accuracy": not args.throughput_only}
+    meta = {"model": args.model, "checkpoint": args.checkpoint, "data": str(args.data),
+            "student": opts["student_name"]}
+    if opts["methods"] is not None:
+        return _run_methods(args, opts["methods"], model, data_config, common, meta)
+    from ..data import load_eval_data
+    from ..prune import format_table, prune_eval, write_prune_eval
+
     images, labels = load_eval_data(args.data, data_config, args.limit)
     result = prune_eval(model, images, labels, scorers=opts["scorers"], keeps=opts["keeps"], seeds=args.seeds,
-                        batch_size=args.batch_size, throughput_batches=opts["batches"],
-                        throughput_time=args.throughput_time, device=device, student=opts["student"],
-                        thumbnail=args.student_thumbnail, block=args.cls_block,
-                        rollout_discard_ratio=args.rollout_discard, progress=not args.no_progress,
-                        accuracy=not args.throughput_only)
-    result["meta"].update(model=args.model, checkpoint=args.checkpoint, data=str(args.data),
-                          student=opts["student_name"])
+                        **common)
+    result["meta"].update(meta)
     paths = write_prune_eval(result, args.out, overwrite=args.overwrite)
     print(format_table(result))
     print("written: " + ", ".join(str(p) for p in paths))
     return 0
 
 
+def _run_methods(args: argparse.Namespace, methods: list, model, data_config: dict, common: dict,
+                 meta: dict) -> int:
+    """``--methods``: every method built on the model first (a bad setting: one line, exit status 2, before
+    the data is read), then :func:`compare_methods`, the files and the table."""
+    from ..capture import UnsupportedModelError
+    from ..data import load_eval_data
+    from ..prune.report import format_methods_table, write_methods
+    from ..prune.study import build_methods, compare_methods
+
+    size = tuple(data_config["input_size"][-2:])
+    scorer_opts = {k: common[k] for k in ("student", "thumbnail", "block", "rollout_discard_ratio")}
+    try:
+        build_methods(model, methods, size, **scorer_opts)
+    except (ValueError, UnsupportedModelError) as e:
+        print(f"rollout-fast prune-eval: --methods {e}", file=sys.stderr)
+        return 2
+    images, labels = load_eval_data(args.data, data_config, args.limit)
+    result = compare_methods(model, images, labels, methods, **common)
+    result["meta"].update(meta)
+    paths = write_methods(result, args.out, overwrite=args.overwrite)
+    print(format_methods_table(result))
+    print("written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _options(args: argparse.Namespace) -> dict:
-    """The parsed lists and the student of ``args``; ValueError naming the option at fault."""
+    """The parsed lists, methods and the student of ``args``; ValueError naming the option at fault."""
     from ..prune import SCORERS, check_keep_ratio
 
-    keeps = [check_keep_ratio(v) for v in _parse_floats(args.keep, "--keep")]
+    methods = _methods(args)
+    keeps = [check_keep_ratio(v) for v in _parse_floats(args.keep or DEFAULT_KEEP, "--keep")]
     batches = [int(v) for v in _parse_floats(args.throughput_batches, "--throughput-batches")] \
         if args.throughput_batches.strip() else []
-    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    scorers = [s.strip() for s in (args.scorers or DEFAULT_SCORERS).split(",") if s.strip()]
     bad = [s for s in scorers if s not in SCORERS]
     if bad or not scorers:
         raise ValueError(f"--scorers: expected names from {SCORERS}, got {args.scorers!r}")
@@ -103,9 +151,26 @@ def _options(args: argparse.Namespace) -> dict:
         raise ValueError("--seeds: expected >= 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads: expected >= 1")
-    student, student_name = _student(args) if "student" in scorers else (None, None)
+    uses_student = any(m.scorer == "student" for m in methods) if methods is not None else "student" in scorers
+    option = "--methods" if methods is not None else "--scorers"
+    student, student_name = _student(args, option) if uses_student else (None, None)
     return {"keeps": keeps, "batches": batches, "scorers": scorers, "timm_kwargs": timm_kwargs,
-            "student": student, "student_name": student_name}
+            "student": student, "student_name": student_name, "methods": methods}
+
+
+def _methods(args: argparse.Namespace) -> list | None:
+    """The parsed ``--methods`` specs (None without the option)."""
+    from ..prune.study import parse_method
+
+    if args.methods is None:
+        return None
+    if args.scorers is not None or args.keep is not None:
+        raise ValueError("--methods: give the scorers as methods (e.g. random:keep=0.5,0.25), not with "
+                         "--scorers/--keep")
+    try:
+        return [parse_method(m) for m in args.methods]
+    except ValueError as e:
+        raise ValueError(f"--methods {e}") from None
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -118,7 +183,7 @@ def _parse_floats(text: str, what: str) -> list[float]:
     return vals
 
 
-def _student(args: argparse.Namespace):
+def _student(args: argparse.Namespace, option: str = "--scorers"):
     """``(student module, its name)`` for scorer 'student', resolved first: a missing student fails before
     any work."""
     from ..prune import StudentScorer, make_scorer
@@ -128,7 +193,7 @@ def _student(args: argparse.Namespace):
     try:
         student = make_scorer("student", student=name).student
     except (ValueError, OSError) as e:
-        raise ValueError(f"--scorers student: no student for {name!r} ({e}); "
+        raise ValueError(f"{option} student: no student for {name!r} ({e}); "
                          "pass --student NAME_OR_PATH or leave 'student' out") from None
     try:
         StudentScorer(student, thumbnail=args.student_thumbnail)

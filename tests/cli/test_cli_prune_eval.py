@@ -1,5 +1,6 @@
 """The prune-eval command (rollout_fast.cli.prune_eval) end to end on tiny random models and the real photos of
-../shared/data/imagenet-sample (skipped when ../shared is absent), and its argument errors."""
+../shared/data/imagenet-sample (skipped when ../shared is absent), --methods on a tiny ImageFolder made here,
+and its argument errors."""
 
 from __future__ import annotations
 
@@ -72,3 +73,87 @@ def test_prune_eval_bad_arguments(argv, match, tmp_path, capsys):
     rc = _run(["prune-eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     assert rc == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """An ImageFolder of 4 random 32 x 32 PNGs in 2 classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / f"class{c}" / f"{i}.png")
+    return tmp_path / "data"
+
+
+TINY = ["--model", "vit_tiny_patch16_224", "--timm-arg", "img_size=32", "--timm-arg", "patch_size=8",
+        "--timm-arg", "depth=2"]  # 16 patches + a class token, 2 blocks, random weights
+
+
+def test_prune_eval_methods_on_a_tiny_vit(tiny_folder, tmp_path, capsys):
+    """--methods: one table (method, setting, top-1, images/s, speed-up) for in-network methods, scorers and a
+    scorer + ToMe, each at its operating points; every no-reduction setting scores the full model's top-1."""
+    import csv
+
+    out = tmp_path / "out"
+    rc = _run(["prune-eval", *TINY, "--data", str(tiny_folder), "--batch-size", "3", "--throughput-batches", "2",
+               "--throughput-time", "0", "--out", str(out), "--no-progress", "--methods", "tome:r=0,2",
+               "evit:keep=1.0,0.5", "random:keep=1.0,0.5", "cls-attention+tome:keep=1.0,0.5:r=0,1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| method | setting | tokens/block | top-1 | Δ top-1 | images/s (batch 2) | speed-up (batch 2) |" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["methods.csv", "methods.json", "methods.md",
+                                                     "methods_top1_speedup.png"]
+    res = json.loads((out / "methods.json").read_text())
+    assert res["methods"] == ["tome:r=0,2", "evit:keep=1.0,0.5", "random:keep=1.0,0.5",
+                              "cls-attention+tome:keep=1.0,0.5:r=0,1"]
+    assert res["meta"]["images"] == 4 and res["meta"]["num_tokens"] == 17 and res["meta"]["model"] == TINY[1]
+    with open(out / "methods.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["method", "setting", "batch", "tokens", "top1", "images_per_s", "speedup"]
+    assert [(r["method"], r["setting"]) for r in table] == [
+        ("full", "-"), ("tome", "r=0"), ("tome", "r=2"), ("evit", "keep=1.0"), ("evit", "keep=0.5"),
+        ("random", "keep=1.0"), ("random", "keep=0.5"), ("cls-attention+tome", "keep=1.0 r=0"),
+        ("cls-attention+tome", "keep=1.0 r=1"), ("cls-attention+tome", "keep=0.5 r=0"),
+        ("cls-attention+tome", "keep=0.5 r=1")]
+    full = res["meta"]["full_top1"]
+    for r in res["rows"]:
+        assert r["batch"] == 2 and r["images_per_s"] > 0 and r["speedup"] > 0
+        if r["setting"] in ("-", "r=0", "keep=1.0", "keep=1.0 r=0"):
+            assert r["top1"] == full and r["tokens"] == 17.0, r
+    assert (out / "methods.md").read_text().startswith("| method | setting |")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "tome:r=2", "foo"], ("--methods foo: unknown method 'foo'; expected a scorer (random, rollout, "
+     "grad-rollout, cls-attention, student), an in-network method (evit, tome) or SCORER+METHOD (e.g. "
+     "student+tome)")),
+    (["--methods", "evit:keep=0.7,1.5"], ("--methods evit:keep=0.7,1.5: keep_ratio: expected a number in (0, 1], "
+     "got 1.5")),
+    (["--methods", "random:keep=0"], "--methods random:keep=0: keep_ratio: expected a number in (0, 1], got 0"),
+    (["--methods", "tome:r=2,6"], ("--methods tome:r=2,6: r=6: r: 6 tokens to merge at block 1, but its 11 tokens "
+     "(1 protected) allow at most 5; lower r")),
+    (["--methods", "random+tome:keep=0.5:r=3"], ("--methods random+tome:keep=0.5:r=3: keep=0.5 r=3: r: 3 tokens to "
+     "merge at block 1, but its 6 tokens (1 protected) allow at most 2; lower r (after pre-selection keeps 8 of 16 "
+     "patch tokens)")),
+    (["--methods", "tome:depth=2"], ("--methods tome:depth=2: unknown setting 'depth'; expected one of ['r', "
+     "'prop_attn']")),
+    (["--methods", "tome:r=2", "--keep", "0.5"], ("--methods: give the scorers as methods (e.g. "
+     "random:keep=0.5,0.25), not with --scorers/--keep")),
+    (["--methods", "student+tome:r=2", "--student", "/nonexistent/s.safetensors"], ("--methods student: no student "
+     "for '/nonexistent/s.safetensors'")),
+])
+def test_prune_eval_methods_bad_settings_are_one_line_errors(argv, message, tiny_folder, tmp_path, capsys):
+    from rollout_fast.cli import main
+
+    rc = main(["prune-eval", *TINY, "--data", str(tiny_folder), "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("rollout-fast prune-eval: " + message)
+    if "no student" not in message:  # that one ends with the loader's own reason
+        assert err == f"rollout-fast prune-eval: {message}\n"
+    assert not (tmp_path / "o").exists()
