@@ -1,7 +1,8 @@
-"""Capture from timm families whose attention is not plain ``softmax(q k^T * scale)``: relative-position
-bias passed to SDPA as ``attn_mask`` (vit_relpos, BEiT), rotary embeddings applied after q/k norm (EVA02,
-RoPE ViTs), and a model without a class token (GAP). Random-init depth-2 models, biases randomised so they
-matter.
+"""Capture from the timm model families users bring: plain ViT, distilled DeiT (2 prefix tokens), DeiT III,
+Dinov2 with and without registers, CLIP and SigLIP (no class token) towers, FlexiViT, dynamic image size,
+and those whose attention is not plain ``softmax(q k^T * scale)``: relative-position bias passed to SDPA as
+``attn_mask`` (vit_relpos, BEiT), rotary embeddings applied after q/k norm (EVA02, RoPE ViTs), a model
+without a class token (GAP). Random-init depth-2 models, biases randomised so they matter.
 
 The independent computation is timm's own explicit (non-fused) path on a deep copy, hooked at attn_drop:
 the attention the model computes, bias, mask and RoPE included. Every capture path ('auto', 'qk-hooks',
@@ -39,7 +40,21 @@ FAMILIES = {
     "vit_rope": ("vit_small_patch16_rope_224", dict(img_size=64, embed_dim=64, num_heads=4), (64, 64), 1, (4, 4)),
     "gap_no_cls": ("vit_medium_patch16_gap_256", dict(img_size=64, embed_dim=64, num_heads=4), (64, 64), 0,
                    (4, 4)),
+    "vit": ("vit_tiny_patch16_224", dict(img_size=64), (64, 64), 1, (4, 4)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=64), (64, 64), 2, (4, 4)),
+    "deit3": ("deit3_small_patch16_224", dict(img_size=64, embed_dim=64, num_heads=4), (64, 64), 1, (4, 4)),
+    "dinov2": ("vit_small_patch14_dinov2", dict(img_size=56, embed_dim=64, num_heads=4), (56, 56), 1, (4, 4)),
+    "registers": ("vit_small_patch14_reg4_dinov2", dict(img_size=56, embed_dim=64, num_heads=4), (56, 56), 5,
+                  (4, 4)),
+    "clip": ("vit_base_patch16_clip_224", dict(img_size=64, embed_dim=64, num_heads=4), (64, 64), 1, (4, 4)),
+    "siglip_no_cls": ("vit_base_patch16_siglip_224", dict(img_size=64, embed_dim=64, num_heads=4), (64, 64), 0,
+                      (4, 4)),
+    "flexivit": ("flexivit_small", dict(img_size=64, embed_dim=64, num_heads=4), (64, 64), 1, (4, 4)),
+    "dynamic_size": ("vit_tiny_patch16_224", dict(img_size=64, dynamic_img_size=True), (48, 80), 1, (3, 5)),
 }
+# families whose pruning is refused up front (position information applied inside the blocks)
+PRUNE_REFUSED = {"relpos": "relative-position bias", "beit": "relative-position bias", "eva02_rope": "RoPE",
+                 "vit_rope": "RoPE"}
 
 
 def build(name):
@@ -76,7 +91,8 @@ def _assert_unchanged(model, before):
 def test_captured_attention_is_the_models_own(name):
     model, size, P, grid = build(name)
     images = _images(size)
-    assert token_layout(model, size) == token_layout(model, size).__class__(P, grid, P == 1)
+    has_cls = name not in ("relpos", "gap_no_cls", "siglip_no_cls")
+    assert token_layout(model, size) == token_layout(model, size).__class__(P, grid, has_cls)
     logits_ref, att = explicit_attention(model, images)  # (L, B, H, N, N), timm's explicit path
     before = _state(model)
     for capture in ("auto", "qk-hooks"):
@@ -112,7 +128,7 @@ def test_maps_equal_reference_rollout(name, head_fusion, discard):
     model, size, P, grid = build(name)
     images = _images(size, B=3)
     _, att = explicit_attention(model, images)
-    readout = "cls" if P == 1 else "mean"
+    readout = "mean" if name in ("relpos", "gap_no_cls", "siglip_no_cls") else "cls"
     want = reference.attention_rollout(att, head_fusion=head_fusion, discard_ratio=discard,
                                        num_prefix_tokens=P, grid=grid, readout=readout)
     maps = AttentionRollout(model, head_fusion=head_fusion, discard_ratio=discard)(images)
@@ -121,7 +137,7 @@ def test_maps_equal_reference_rollout(name, head_fusion, discard):
         assert maps.std() > 0.01
 
 
-@pytest.mark.parametrize("name", ["relpos", "beit", "eva02_rope"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_grad_capture_includes_bias_and_rope(name):
     """Gradient capture answers SDPA with the explicit softmax(q k^T * scale + bias) of the post-RoPE q, k:
     attention and gradient equal those read at attn_drop of timm's explicit path."""
@@ -135,6 +151,25 @@ def test_grad_capture_includes_bias_and_rope(name):
     assert fused.path == "sdpa-explicit" and explicit.path == "attn-drop"
     torch.testing.assert_close(fused.attentions, explicit.attentions, rtol=0, atol=ATOL)
     torch.testing.assert_close(fused.gradients, explicit.gradients, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_pruning_runs_or_is_refused_up_front(name):
+    """keep 1.0 is the unpruned model exactly; keep 0.5 runs on the kept tokens, or prune_tokens refuses."""
+    from rollout_fast import prune_tokens
+    model, size, P, grid = build(name)
+    images = _images(size)
+    if name in PRUNE_REFUSED:
+        with pytest.raises(UnsupportedModelError, match=PRUNE_REFUSED[name]):
+            prune_tokens(model, 0.5, "random")
+        return
+    with torch.no_grad():
+        full = model(images)
+        torch.testing.assert_close(prune_tokens(model, 1.0, "rollout")(images), full, rtol=0, atol=0)
+        pruned = prune_tokens(model, 0.5, "rollout")
+        out = pruned(images)
+    G = grid[0] * grid[1]
+    assert out.shape == full.shape and pruned.last_indices.shape == (2, int(0.5 * G + 0.5))  # k = round half up
 
 
 class _CausalAttention(nn.Module):
