@@ -12,6 +12,7 @@ import timm
 import torch
 
 from rollout_fast.cli import prune_eval as prune_eval_command
+from rollout_fast.prune import method_names, scorer_names
 
 
 def _run(argv):
@@ -129,8 +130,8 @@ def test_prune_eval_methods_on_a_tiny_vit(tiny_folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "tome:r=2", "foo"], ("--methods foo: unknown method 'foo'; expected a scorer (random, rollout, "
-     "grad-rollout, cls-attention, student), an in-network method (evit, tome) or SCORER+METHOD (e.g. "
+    (["--methods", "tome:r=2", "foo"], (f"--methods foo: unknown method 'foo'; expected a scorer "
+     f"({', '.join(scorer_names())}), an in-network method ({', '.join(method_names())}) or SCORER+METHOD (e.g. "
      "student+tome)")),
     (["--methods", "evit:keep=0.7,1.5"], ("--methods evit:keep=0.7,1.5: keep_ratio: expected a number in (0, 1], "
      "got 1.5")),
