@@ -9,10 +9,10 @@ saliency map like the rollout maps of the rest of the package.
 
 Variants (``parse_ltpa_variant`` / ``LTPA_VARIANTS``), named ``"{compat}-{normalize}-{placement}"``:
 
-- compat ``"pc"``: parametrised compatibility ``c_i = <u, l_i + g>`` (paper Eq. 3, a learnt ``u``);
+- compat ``"pc"``: parametrised compatibility ``c_i = <u, l_i + g>`` (paper Sec. 3, a learnt ``u``);
   ``"dp"``: dot product ``c_i = <l_i, g>`` (paper Sec. 3, the parameter-free alternative);
-- normalize ``"softmax"``: ``a_i = exp(c_i) / sum_j exp(c_j)`` (Eq. 1) and ``g_a = sum_i a_i l_i``
-  (Eq. 2, a convex combination); ``"sigmoid"``: ``a_i = sigmoid(c_i)`` and
+- normalize ``"softmax"``: ``a_i = exp(c_i) / sum_j exp(c_j)`` and ``g_a = sum_i a_i l_i``
+  (paper Sec. 3, a convex combination); ``"sigmoid"``: ``a_i = sigmoid(c_i)`` and
   ``g_a = (1/n) sum_i a_i l_i``, the mean over the ``n`` positions (not over ``sum_i a_i``), as the
   reference implementation (SaoYan/LearnToPayAttention, ``normalize_attn=False``) does;
 - placement ``"before"``: ``l`` is the output of conv blocks 3, 4, 5 before their 2x2 max-pool;
@@ -129,15 +129,15 @@ class LTPAAttention(nn.Module):
     autocast dtype) and ``a`` (B, h, w) in ``l``'s dtype promoted to at least float32 (float32 under
     autocast). Per image, over the ``n = h * w`` positions ``i``:
 
-    - compatibility ``c_i = <u, l_i + g>`` for ``compat="pc"`` (Eq. 3; ``u`` (C,) learnt, the only
+    - compatibility ``c_i = <u, l_i + g>`` for ``compat="pc"`` (paper Sec. 3; ``u`` (C,) learnt, the only
       parameter), ``c_i = <l_i, g>`` for ``compat="dp"`` (no parameters, ``self.u is None``);
-    - ``normalize="softmax"``: ``a_i = exp(c_i) / sum_j exp(c_j)`` (Eq. 1), ``g_a = sum_i a_i l_i``
-      (Eq. 2): ``a`` sums to 1;
+    - ``normalize="softmax"``: ``a_i = exp(c_i) / sum_j exp(c_j)``, ``g_a = sum_i a_i l_i``:
+      ``a`` sums to 1;
     - ``normalize="sigmoid"``: ``a_i = sigmoid(c_i)`` in (0, 1), ``g_a = (1/n) sum_i a_i l_i`` (divided by
       the number of positions, as in SaoYan/LearnToPayAttention; the paper gives only the softmax form).
 
     With softmax, ``pc`` attention does not depend on ``g``: ``<u, l_i + g> = <u, l_i> + <u, g>`` and the
-    second term is the same at every position, so it cancels in Eq. 1 (it matters with sigmoid).
+    second term is the same at every position, so it cancels in the softmax (it matters with sigmoid).
 
     Raises:
         ValueError: ``compat``/``normalize`` not one of the names above, ``dim`` < 1, or ``l``/``g`` of
