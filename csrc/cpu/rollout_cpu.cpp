@@ -86,7 +86,7 @@ const char* cpu_isa() {
 
 namespace {
 
-// ROLLOUT_DISPATCH(ok, att, fusion, FN, args...) sets ok = cpu_{base,avx2}::FN<scalar_t, FUSION>(data, args...)
+// ROLLOUT_DISPATCH(status, att, fusion, FN, args...) sets status = cpu_{base,avx2}::FN<scalar_t, FUSION>(data, args...)
 // for the attention's dtype, the head fusion and the ISA of cpu_isa().
 #if defined(ROLLOUT_FAST_HAVE_AVX2)
 #define ROLLOUT_ISA_CALL(FN, T, FUSION, ...)                                  \
@@ -96,17 +96,23 @@ namespace {
 #define ROLLOUT_ISA_CALL(FN, T, FUSION, ...) cpu_base::FN<T, FUSION>(__VA_ARGS__)
 #endif
 
-#define ROLLOUT_DISPATCH(ok, att, fusion, FN, ...)                                                      \
+#define ROLLOUT_DISPATCH(status, att, fusion, FN, ...)                                                  \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (att).scalar_type(), "rollout_fast_cpu", [&] { \
     const scalar_t* data = (att).const_data_ptr<scalar_t>();                                           \
     switch (fusion) {                                                                                  \
-      case kFusionMean: ok = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMean, data, __VA_ARGS__); break;     \
-      case kFusionMax: ok = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMax, data, __VA_ARGS__); break;       \
-      default: ok = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMin, data, __VA_ARGS__); break;              \
+      case kFusionMean: status = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMean, data, __VA_ARGS__); break; \
+      case kFusionMax: status = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMax, data, __VA_ARGS__); break;   \
+      default: status = ROLLOUT_ISA_CALL(FN, scalar_t, kFusionMin, data, __VA_ARGS__); break;          \
     }                                                                                                  \
   })
 
-constexpr const char* kNonFinite = "rollout_fast: attentions contains NaN or infinite values";
+// The input contract (rollout_common.h, ValueStatus), checked during the kernel's one read of the attention.
+// rollout_fast/ops/rollout.py recognises these messages by their common start.
+void check_value_status(int status) {
+  TORCH_CHECK(!(status & kValueNonFinite), "rollout_fast: attentions contains NaN or infinite values");
+  TORCH_CHECK(!(status & kValueNegative), "rollout_fast: attentions contains negative values (attention "
+              "probabilities are >= 0)");
+}
 
 Problem make_problem(const at::Tensor& att, const LayerShape& s, int fusion, bool protect00) {
   return {s.L, s.B, s.H, s.N, s.k, att.stride(0), att.stride(1), att.stride(2), att.stride(3), fusion,
@@ -131,9 +137,9 @@ at::Tensor fused_layers_cpu(const at::Tensor& attentions, std::string_view head_
   at::Tensor M = at::empty({s.L, s.B, s.N, s.N}, att.options().dtype(at::kFloat));
   float* m = M.data_ptr<float>();
   const Problem p = make_problem(att, s, fusion, protect_first);
-  bool finite = true;
-  ROLLOUT_DISPATCH(finite, att, fusion, run_layers, p, m);
-  TORCH_CHECK(finite, kNonFinite);
+  int status = kValuesOk;
+  ROLLOUT_DISPATCH(status, att, fusion, run_layers, p, m);
+  check_value_status(status);
   return M;
 }
 
@@ -157,9 +163,9 @@ at::Tensor rollout_cpu(const at::Tensor& attentions, std::string_view head_fusio
   const Problem p = make_problem(att, s, fusion, protect00);
   // per-sample schedule when the batch fills the threads; otherwise parallel over rows
   const bool per_sample = s.B >= at::get_num_threads();
-  bool finite = true;
-  ROLLOUT_DISPATCH(finite, att, fusion, run_rollout, p, num_prefix_tokens, ro, norm, per_sample, o);
-  TORCH_CHECK(finite, kNonFinite);
+  int status = kValuesOk;
+  ROLLOUT_DISPATCH(status, att, fusion, run_rollout, p, num_prefix_tokens, ro, norm, per_sample, o);
+  check_value_status(status);
   return out;
 }
 

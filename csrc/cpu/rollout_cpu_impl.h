@@ -73,21 +73,22 @@ inline __m256 fusion_combine8(__m256 acc, __m256 x) {
 
 // f[0..N) = head fusion over h of a[h * sH + j] (row i of one (layer, sample), or a whole contiguous
 // matrix), float32, heads combined in order h = 0..H-1 (every loop order below gives the same bits).
-// Returns false when an input value is NaN or infinite (the op then raises): the finiteness check
-// rides on the one read. The AVX2 build reads the H head streams side by side, the accumulator in a
-// register, and prefetches each stream 2 KiB ahead.
+// Returns the ValueStatus of the values read (rollout_common.h: kValuesOk, or NaN/inf and/or negative
+// values; the op then raises): the value checks ride on the one read. The AVX2 build reads the H head
+// streams side by side, the accumulator in a register, and prefetches each stream 2 KiB ahead.
 template <typename T, int FUSION, int HEADS = 0>
-bool fuse_row_h(const T* a_typed, int64_t sH, int64_t H_runtime, int64_t N, float* __restrict__ f) {
+int fuse_row_h(const T* a_typed, int64_t sH, int64_t H_runtime, int64_t N, float* __restrict__ f) {
   using R = typename Raw<T>::type;
   const R* __restrict__ a = reinterpret_cast<const R*>(a_typed);
   const int64_t H = HEADS > 0 ? HEADS : H_runtime;
-  bool finite = true;
 #if defined(ROLLOUT_CPU_F16C)
   if constexpr (!std::is_same_v<T, double>) {
     const __m256 heads = _mm256_set1_ps(static_cast<float>(H));
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
+    const __m256 zero = _mm256_setzero_ps();
     __m256 bad = _mm256_setzero_ps();  // lanes set where |x| > FLT_MAX or x is NaN
+    __m256 neg = _mm256_setzero_ps();  // lanes set where x < 0
     int64_t j = 0;
     constexpr int64_t kAhead = 512 / sizeof(R) * 4;  // prefetch distance: 2 KiB of each head's stream
     for (; j + 8 <= N; j += 8) {  // one read of the H head rows, the accumulator in a register
@@ -96,47 +97,50 @@ bool fuse_row_h(const T* a_typed, int64_t sH, int64_t H_runtime, int64_t N, floa
       __m256 x = load8<T>(a + j);
       __m256 acc = x;
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(x, abs_mask), big, _CMP_NLE_UQ));
+      neg = _mm256_or_ps(neg, _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
       for (int64_t h = 1; h < H; ++h) {
         x = load8<T>(a + h * sH + j);
         acc = fusion_combine8<FUSION>(acc, x);
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(x, abs_mask), big, _CMP_NLE_UQ));
+        neg = _mm256_or_ps(neg, _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
       }
       if (FUSION == kFusionMean) acc = _mm256_div_ps(acc, heads);
       _mm256_storeu_ps(f + j, acc);
     }
-    finite = _mm256_movemask_ps(bad) == 0;
+    int status = (_mm256_movemask_ps(bad) != 0 ? kValueNonFinite : kValuesOk) |
+                 (_mm256_movemask_ps(neg) != 0 ? kValueNegative : kValuesOk);
     for (; j < N; ++j) {
       float x = raw_to_float<T>(a[j]);
       float acc = fusion_first(x);
-      finite &= is_finite_value(x);
+      status |= value_status(x);
       for (int64_t h = 1; h < H; ++h) {
         x = raw_to_float<T>(a[h * sH + j]);
         acc = fusion_combine(FUSION, acc, x);
-        finite &= is_finite_value(x);
+        status |= value_status(x);
       }
       f[j] = fusion_finish(FUSION, acc, H);
     }
-    return finite;
+    return status;
   }
 #endif
-  int bad = 0;  // integer OR reduction: vectorises
+  int status = kValuesOk;  // integer OR reduction: vectorises
   for (int64_t j = 0; j < N; ++j) {
     const float x = raw_to_float<T>(a[j]);
     f[j] = fusion_first(x);
-    bad |= is_finite_value(x) ? 0 : 1;
+    status |= value_status(x);
   }
   for (int64_t h = 1; h < H; ++h) {
     const R* __restrict__ ah = a + h * sH;
     for (int64_t j = 0; j < N; ++j) {
       const float x = raw_to_float<T>(ah[j]);
       f[j] = fusion_combine(FUSION, f[j], x);
-      bad |= is_finite_value(x) ? 0 : 1;
+      status |= value_status(x);
     }
   }
   if (FUSION == kFusionMean) {
     for (int64_t j = 0; j < N; ++j) f[j] = fusion_finish(FUSION, f[j], H);
   }
-  return bad == 0 && finite;
+  return status;
 }
 
 // fuse_row_h with the head count as a compile-time constant for the common ViT head counts, so the
@@ -144,7 +148,7 @@ bool fuse_row_h(const T* a_typed, int64_t sH, int64_t H_runtime, int64_t N, floa
 // op went from ~1.8x to ~1.45x the memory floor; a runtime head loop per 8 elements starves the stream).
 // The baseline build and float64 loop over heads outermost, where the constant buys nothing.
 template <typename T, int FUSION>
-bool fuse_row(const T* a, int64_t sH, int64_t H, int64_t N, float* __restrict__ f) {
+int fuse_row(const T* a, int64_t sH, int64_t H, int64_t N, float* __restrict__ f) {
 #if defined(ROLLOUT_CPU_F16C)
   if constexpr (std::is_same_v<T, double>) return fuse_row_h<T, FUSION>(a, sH, H, N, f);
   switch (H) {
@@ -166,18 +170,18 @@ bool fuse_row(const T* a, int64_t sH, int64_t H, int64_t N, float* __restrict__ 
 // with unit row stride): fuse_row over the run. The AVX2 build reads the whole run in one go (H
 // streams side by side, prefetched); the baseline build (and float64) goes in chunks of kFuseChunk
 // elements, heads outermost, so each head's chunk is one sequential read and the chunk of f stays in
-// L1. Every split gives the same bits. False on NaN/inf.
+// L1. Every split gives the same bits. Returns the ValueStatus of the run.
 constexpr int64_t kFuseChunk = 2048;
 
 template <typename T, int FUSION>
-bool fuse_run(const T* a, int64_t sH, int64_t H, int64_t n, float* __restrict__ f) {
+int fuse_run(const T* a, int64_t sH, int64_t H, int64_t n, float* __restrict__ f) {
 #if defined(ROLLOUT_CPU_F16C)
   if constexpr (!std::is_same_v<T, double>) return fuse_row<T, FUSION>(a, sH, H, n, f);
 #endif
-  bool ok = true;
+  int status = kValuesOk;
   for (int64_t c0 = 0; c0 < n; c0 += kFuseChunk)
-    ok &= fuse_row<T, FUSION>(a + c0, sH, H, std::min(kFuseChunk, n - c0), f + c0);
-  return ok;
+    status |= fuse_row<T, FUSION>(a + c0, sH, H, std::min(kFuseChunk, n - c0), f + c0);
+  return status;
 }
 
 // Row i of the unnormalised M: m_ij = discard(F_ij) + [i == j], F[0, 0] kept when protect00 (t = -inf
@@ -510,34 +514,34 @@ struct Kernel {
 
   const T* base(int64_t l, int64_t b) const { return att + l * p.sL + b * p.sB; }
 
-  // Steps 1-3 for every (layer, sample): M (L, B, N, N) float32, parallel over rows. Returns false
-  // (M then undefined) when the attention holds a NaN or an infinity.
-  bool layers(float* M) const {
+  // Steps 1-3 for every (layer, sample): M (L, B, N, N) float32, parallel over rows. Returns the
+  // ValueStatus of the attention (M is undefined unless kValuesOk).
+  int layers(float* M) const {
     const int64_t N = p.N, NN = N * N, LB = p.L * p.B;
-    std::atomic<bool> finite{true};
+    std::atomic<int> status{kValuesOk};
     if (p.sI == N) {  // rows contiguous: parallel over (layer, sample, run of kFuseChunk entries)
       const int64_t chunks = (NN + kFuseChunk - 1) / kFuseChunk;
       at::parallel_for(0, LB * chunks, 1, [&](int64_t u0, int64_t u1) {
-        bool ok = true;
+        int st = kValuesOk;
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t lb = u / chunks, c0 = (u % chunks) * kFuseChunk;
-          ok &= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + c0, p.sH, p.H, std::min(kFuseChunk, NN - c0),
+          st |= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + c0, p.sH, p.H, std::min(kFuseChunk, NN - c0),
                                     M + lb * NN + c0);
         }
-        if (!ok) finite.store(false, std::memory_order_relaxed);
+        if (st != kValuesOk) status.fetch_or(st, std::memory_order_relaxed);
       });
     } else {
       const int64_t fuse_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.H * N));
       at::parallel_for(0, LB * N, fuse_grain, [&](int64_t r0, int64_t r1) {
-        bool ok = true;
+        int st = kValuesOk;
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t lb = r / N, i = r % N;
-          ok &= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + i * p.sI, p.sH, p.H, N, M + lb * NN + i * N);
+          st |= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + i * p.sI, p.sH, p.H, N, M + lb * NN + i * N);
         }
-        if (!ok) finite.store(false, std::memory_order_relaxed);
+        if (st != kValuesOk) status.fetch_or(st, std::memory_order_relaxed);
       });
     }
-    if (!finite.load()) return false;
+    if (status.load() != kValuesOk) return status.load();
     std::vector<float> thresh(LB, kNoThreshold);
     if (p.k >= 1) {
       at::parallel_for(0, LB, 1, [&](int64_t s0, int64_t s1) {
@@ -552,7 +556,7 @@ struct Kernel {
         normalize_row(M + lb * NN + i * N, N, i, thresh[lb], p.protect00);
       }
     });
-    return true;
+    return kValuesOk;
   }
 
   // Row-vector chain over stored M: v^T M_L ... M_1 per sample, then the map.
@@ -574,12 +578,12 @@ struct Kernel {
     });
   }
 
-  // Steps 1 (head fusion) of one (layer, sample) matrix into f, NN floats; false on NaN/inf.
-  bool fuse_matrix(const T* a, float* f) const {
+  // Steps 1 (head fusion) of one (layer, sample) matrix into f, NN floats; returns the ValueStatus.
+  int fuse_matrix(const T* a, float* f) const {
     if (p.sI == p.N) return fuse_run<T, FUSION>(a, p.sH, p.H, p.N * p.N, f);
-    bool ok = true;
-    for (int64_t i = 0; i < p.N; ++i) ok &= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, p.N, f + i * p.N);
-    return ok;
+    int status = kValuesOk;
+    for (int64_t i = 0; i < p.N; ++i) status |= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, p.N, f + i * p.N);
+    return status;
   }
 
   // The head fusion of the next matrix in slices of `step` elements, run between pieces of this matrix's
@@ -589,11 +593,11 @@ struct Kernel {
     const T* a;
     float* f;
     int64_t sH, H, n, step, done = 0;
-    bool ok = true;
+    int status = kValuesOk;
     void operator()() {
       if (a == nullptr || done >= n) return;
       const int64_t len = std::min(step, n - done);
-      ok &= fuse_row<T, FUSION>(a + done, sH, H, len, f + done);
+      status |= fuse_row<T, FUSION>(a + done, sH, H, len, f + done);
       done += len;
     }
     void finish() {
@@ -604,11 +608,11 @@ struct Kernel {
   // Whole rollout per sample, layers last to first, with N*N scratches (no stored M). The thread's
   // matrices run in the order (sample b0, layer L-1), ..., (b0, 0), (b0 + 1, L-1), ...; with contiguous
   // rows the next matrix is fused into a second scratch while this one's threshold is selected and its
-  // rows normalised. Returns false when the attention holds a NaN or an infinity.
-  bool per_sample(int64_t P, int readout, int normalize, float* out) const {
+  // rows normalised. Returns the ValueStatus of the attention (a thread stops at its first bad matrix).
+  int per_sample(int64_t P, int readout, int normalize, float* out) const {
     const int64_t N = p.N, NN = N * N, G = N - P;
     const bool discard = p.k >= 1, pipelined = p.sI == N;
-    std::atomic<bool> finite{true};
+    std::atomic<int> status{kValuesOk};
     at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> F(NN), Fnext(pipelined ? NN : 0), v(N), vn(N);
       std::vector<uint32_t> cand(discard ? NN + 16 : 0), hist(discard ? kHistWords : 0);
@@ -617,8 +621,8 @@ struct Kernel {
       // slices of the next matrix's fusion: one per gather chunk and one per row
       const int64_t slots = (discard && NN > 4 * kSample ? (NN + kGatherChunk - 1) / kGatherChunk : 0) + N;
       const int64_t step = ((NN + slots - 1) / slots + 7) / 8 * 8;
-      bool ok = fuse_matrix(matrix(0), F.data());
-      for (int64_t s = 0; s < count && ok; ++s) {
+      int st = fuse_matrix(matrix(0), F.data());
+      for (int64_t s = 0; s < count && st == kValuesOk; ++s) {
         const int64_t b = b0 + s / p.L;
         if (s % p.L == 0)
           for (int64_t i = 0; i < N; ++i) v[i] = readout_init(readout, i, P);
@@ -635,32 +639,34 @@ struct Kernel {
         if (s + 1 < count) {
           if (pipelined) {
             ahead.finish();
-            ok = ahead.ok;
+            st = ahead.status;
             F.swap(Fnext);
           } else {
-            ok = fuse_matrix(matrix(s + 1), F.data());
+            st = fuse_matrix(matrix(s + 1), F.data());
           }
         }
       }
-      if (!ok) finite.store(false, std::memory_order_relaxed);
+      if (st != kValuesOk) status.fetch_or(st, std::memory_order_relaxed);
     });
-    return finite.load();
+    return status.load();
   }
 };
 
-// The op bodies for one dtype/fusion instantiation (see rollout_cpu.cpp); false: non-finite input.
+// The op bodies for one dtype/fusion instantiation (see rollout_cpu.cpp); they return the ValueStatus of
+// the attention (the op raises unless kValuesOk).
 template <typename T, int FUSION>
-bool run_layers(const T* att, const Problem& p, float* M) {
+int run_layers(const T* att, const Problem& p, float* M) {
   return Kernel<T, FUSION>{att, p}.layers(M);
 }
 
 template <typename T, int FUSION>
-bool run_rollout(const T* att, const Problem& p, int64_t P, int readout, int normalize, bool per_sample,
-                 float* out) {
+int run_rollout(const T* att, const Problem& p, int64_t P, int readout, int normalize, bool per_sample,
+                float* out) {
   const Kernel<T, FUSION> kernel{att, p};
   if (per_sample) return kernel.per_sample(P, readout, normalize, out);
   std::vector<float> M(static_cast<size_t>(p.L * p.B * p.N * p.N));
-  if (!kernel.layers(M.data())) return false;
+  const int status = kernel.layers(M.data());
+  if (status != kValuesOk) return status;
   kernel.chain(M.data(), P, readout, normalize, out);
-  return true;
+  return kValuesOk;
 }

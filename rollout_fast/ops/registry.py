@@ -22,14 +22,17 @@ __all__ = ["AUTO_ORDER", "Backend", "available", "backends", "entry", "pick", "r
 
 class Backend(NamedTuple):
     """A registry entry: ``available() -> bool`` (cheap; this install has it), ``supports(device) -> bool``
-    (it runs on tensors of ``device``), ``run`` (the op's calling convention), and ``checks_finite(device)
-    -> bool``: True where ``run`` itself raises the reference's ValueError on NaN/inf input (then the op
-    skips its separate finiteness pass)."""
+    (it runs on tensors of ``device``), ``run`` (the op's calling convention), and the checks ``run`` makes
+    itself while it reads its input, so the op skips its own separate pass: ``checks_values(device) ->
+    bool``, True where ``run`` raises the reference's ValueError on NaN/inf or negative input;
+    ``checks_rows(device) -> bool``, True where it raises the reference's ValueError on rows that do not sum
+    to 1 (when the call asks for that check)."""
 
     available: Callable[[], bool]
     supports: Callable[[torch.device], bool]
     run: Callable
-    checks_finite: Callable[[torch.device], bool] = lambda device: False
+    checks_values: Callable[[torch.device], bool] = lambda device: False
+    checks_rows: Callable[[torch.device], bool] = lambda device: False
 
 
 _REGISTRY: dict[tuple[str, str], Backend] = {}

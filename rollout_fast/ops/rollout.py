@@ -5,6 +5,11 @@ Backends of the op "rollout" (:mod:`rollout_fast.ops.registry`), each taking the
 for readout 'full', on the input's device, with the semantics of
 :func:`rollout_fast.reference.attention_rollout`:
 
+The input contract (finite, non-negative attention; rows summing to 1 unless ``check_rows=False``) is
+checked once per call, with the reference's messages (:mod:`rollout_fast.reference.rollout_args`), so every
+backend accepts the same inputs; a backend that finds a violation during its own read of the input says so in
+the registry (``checks_values`` / ``checks_rows``) and the op skips its separate pass.
+
 - "reference": :func:`rollout_fast.reference.attention_rollout` (plain PyTorch), always available;
 - "cpu" / "cuda": ``torch.ops.rollout_fast.rollout`` from the compiled extension ``rollout_fast._C``
   (C++ kernel on CPU tensors, CUDA kernels on CUDA tensors; ``csrc/``);
@@ -25,14 +30,16 @@ __all__ = ["BACKENDS", "attention_rollout", "available_backends", "grad_attentio
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _OP = "rollout"
+_KERNEL_VALUE_ERROR = "rollout_fast: attentions contains"  # the CPU kernel's NaN/inf and negative-value errors
 
 
 # -------------------------------------------------------------------------------------------- backends
 def _run_reference(args: RolloutArgs) -> torch.Tensor:
+    # checks the values itself (checks_values); rows were checked by the op
     return reference.attention_rollout(
         args.attentions, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
         num_prefix_tokens=args.num_prefix_tokens, grid=args.grid, readout=args.readout,
-        normalize=args.normalize, protect_prefix=args.protect_prefix)
+        normalize=args.normalize, protect_prefix=args.protect_prefix, check_rows=False)
 
 
 def _finish(out: torch.Tensor, args: RolloutArgs) -> torch.Tensor:
@@ -45,8 +52,10 @@ def run_compiled(args: RolloutArgs) -> torch.Tensor:
     """Rollout with the C++/CUDA kernels of ``rollout_fast._C`` (the tensor's device picks which).
 
     Raises:
-        ValueError: NaN or infinite attention values (the CPU kernel checks during its single read,
-            so the op skips ``check_rollout_args``' separate finiteness pass for this backend).
+        ValueError: NaN, infinite or negative attention values, with the reference's message (the CPU
+            kernel finds them during its single read, so the op skips its separate pass for this backend;
+            the message is then worked out by :func:`rollout_fast.reference.check_attention_values`, on
+            that error path only).
         RuntimeError: the extension is not built (the message says how to build it), or a CUDA
             launch failed.
     """
@@ -55,11 +64,14 @@ def run_compiled(args: RolloutArgs) -> torch.Tensor:
         out = torch.ops.rollout_fast.rollout(args.attentions, args.head_fusion, args.discard_ratio,
                                              args.num_prefix_tokens, args.protect_prefix, args.readout,
                                              args.normalize)
-    except RuntimeError as e:  # the CPU kernel checks finiteness during its one read of the input
-        if "NaN or infinite" in str(e):
-            raise ValueError("attentions: contains NaN or infinite values") from None
-        raise
-    return _finish(out, args)
+    except RuntimeError as e:
+        if _KERNEL_VALUE_ERROR not in str(e):
+            raise
+        kernel_error = e
+    else:
+        return _finish(out, args)
+    reference.check_attention_values(args.attentions)  # the reference's ValueError, naming the value
+    raise kernel_error  # the kernel found a bad value the reference does not see: a bug, say so
 
 
 def triton_ops():
@@ -81,12 +93,17 @@ def _never(device: torch.device) -> bool:
     return False
 
 
+def _always(device: torch.device) -> bool:
+    return True
+
+
 def _on(kind: str):
     return lambda device: device.type == kind
 
 
-registry.register(_OP, "reference", Backend(lambda: True, lambda device: True, _run_reference, _never))
-# the C++ CPU kernel checks finiteness during its single read of the attention; the CUDA one does not
+# the reference checks the values itself; the C++ CPU kernel during its single read of the attention (the
+# CUDA kernels do not)
+registry.register(_OP, "reference", Backend(lambda: True, lambda device: True, _run_reference, _always))
 registry.register(_OP, "cpu", Backend(lambda: meta.load_compiled() is not None, _on("cpu"), run_compiled,
                                       _on("cpu")))
 registry.register(_OP, "cuda", Backend(lambda: torch.cuda.is_available() and meta.load_compiled() is not None
@@ -117,49 +134,74 @@ def _entry(backend: str, device: torch.device) -> Backend:
 def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                       num_prefix_tokens: int = 1, grid: tuple[int, int] | None = None,
                       readout: str = "cls", normalize: str | None = "max",
-                      protect_prefix: bool = True, backend: str = "auto") -> torch.Tensor:
+                      protect_prefix: bool = True, check_rows: bool = True, backend: str = "auto") -> torch.Tensor:
     """Attention rollout: per-layer attention -> patch-relevance maps (the fast public entry point).
 
     Args:
-        attentions: ``L`` tensors ``(B, H, N, N)`` or one ``(L, B, H, N, N)`` tensor of post-softmax
-            attention (rows are queries, layers in forward order); float16/bfloat16/float32. Layers
-            first: a batch-first ``(B, L, H, N, N)`` stack must be ``.transpose(0, 1)``-ed (the shape alone
-            cannot tell them apart). Hugging Face's ``output_attentions`` tuple works, but is empty under
-            SDPA: load the model with ``attn_implementation='eager'`` or use :class:`AttentionRollout`.
+        attentions: post-softmax attention, rows are queries, layers in forward order, as either
+            a non-empty sequence (list/tuple) of ``L`` tensors ``(B, H, N, N)``, e.g. Hugging Face's
+            ``outputs.attentions``, or one 5-D tensor ``(L, B, H, N, N)``, layers first;
+            float16/bfloat16/float32/float64, one device. Nothing else is accepted: a 4-D tensor is refused
+            (one layer: pass ``[attention]``; one image's ``(L, H, N, N)``: ``attentions.unsqueeze(1)``),
+            and a batch-first ``(B, L, H, N, N)`` stack must be ``.transpose(0, 1)``-ed first (the shape
+            alone cannot tell the two apart, so it is not guessed). Values must be finite and >= 0; with
+            ``check_rows`` each row must sum to 1 within ``reference.ROW_SUM_TOLERANCE[dtype]`` (1e-3 for
+            float32/float64, 1e-2 for float16/bfloat16).
         head_fusion: 'mean' | 'max' | 'min' over heads.
         discard_ratio: fraction in [0, 1) of each fused (N, N) matrix to zero per sample; any real number
-            (numpy scalars and 0-d tensors too).
-        num_prefix_tokens: P, prefix tokens (class, distillation, registers) before the patches; any integer.
-        grid: (gh, gw) with gh * gw = N - P; inferred as square when None.
+            (Python, numpy scalar, 0-d tensor; a float32 0.9 counts as 0.9), not a bool.
+        num_prefix_tokens: P, prefix tokens (class, distillation, registers) before the patches; any
+            integer (Python, numpy, 0-d integer tensor), not a bool.
+        grid: (gh, gw), integers, with gh * gw = N - P; inferred as square when None.
         readout: 'cls' | 'mean' | 'full'.
         normalize: 'max' | 'minmax' | None, per sample (not applied to 'full').
-        protect_prefix: keep the first prefix token's self-attention out of the discard.
+        protect_prefix: keep the first prefix token's self-attention out of the discard (a bool).
+        check_rows: refuse attention whose rows do not sum to 1 (a bool). Pass False for non-negative weights
+            that are not row-normalised, e.g. heads already fused by max or min.
         backend: 'auto' (fastest available for the input's device) or one of
             :func:`available_backends`.
 
     Returns:
-        float32 ``(B, gh, gw)``, or ``(B, N, N)`` for readout 'full', on the input's device.
-        Semantics: section 1 of REFERENCE.md, implemented by :func:`rollout_fast.reference.attention_rollout`.
+        float32 ``(B, gh, gw)``, or ``(B, N, N)`` for readout 'full', on the input's device; the same
+        result (to float32 rounding) from every backend. Semantics: section 1 of REFERENCE.md, implemented
+        by :func:`rollout_fast.reference.attention_rollout`.
 
     Raises:
-        TypeError, ValueError: bad arguments (each message names the argument), an unknown or
-            unavailable backend.
+        TypeError: an argument of the wrong type (attentions not a tensor or sequence of floating-point
+            tensors; a scalar argument of the wrong kind, e.g. a bool for ``num_prefix_tokens``).
+        ValueError: a bad shape or value (each message names the argument): an empty sequence (Hugging
+            Face under SDPA: the message says to load the model with ``attn_implementation="eager"`` or use
+            :class:`rollout_fast.AttentionRollout`); NaN/inf attention; negative attention (the message
+            names the first); a row off 1 by more than the tolerance (the message names the worst) unless
+            ``check_rows=False``; an unknown or unavailable backend.
 
     Source: Abnar & Zuidema, "Quantifying Attention Flow in Transformers" (ACL 2020); head fusion and
     discard ratio from jacobgil/vit-explain.
     """
     args = check_rollout_args(attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
                               num_prefix_tokens=num_prefix_tokens, grid=grid, readout=readout,
-                              normalize=normalize, protect_prefix=protect_prefix, check_finite=False)
+                              normalize=normalize, protect_prefix=protect_prefix, check_rows=check_rows,
+                              check_values=False)
     entry = _entry(backend, args.attentions.device)
-    if not entry.checks_finite(args.attentions.device) and not reference.all_finite(args.attentions):
-        raise ValueError("attentions: contains NaN or infinite values")
+    _check_attention(args, entry)
     return entry.run(args)
+
+
+def _check_attention(args: RolloutArgs, entry: Backend) -> None:
+    """The value checks ``entry`` does not make itself during its run (reference messages).
+    The row check runs first, but looks for NaN/inf/negative values before it reports a row, so every
+    backend reports those first."""
+    device = args.attentions.device
+    if args.check_rows and not entry.checks_rows(device):
+        reference.check_row_sums(args.attentions)
+    if not entry.checks_values(device):
+        reference.check_attention_values(args.attentions)
 
 
 def grad_attention_rollout(attentions, gradients, *, discard_ratio: float = 0.0, num_prefix_tokens: int = 1,
                            grid: tuple[int, int] | None = None, readout: str = "cls",
-                           normalize: str | None = "max", backend: str = "auto") -> torch.Tensor:
+                           normalize: str | None = "max", check_rows: bool = True,
+                           backend: str = "auto") -> torch.Tensor:
     """Class-specific gradient rollout from attention and its gradient (REFERENCE.md section 2).
 
     Per layer ``F_l = relu(mean over heads of A_l * G_l)`` (float32, computed here one layer at a time),
@@ -167,12 +209,15 @@ def grad_attention_rollout(attentions, gradients, *, discard_ratio: float = 0.0,
     readout 'cls', ``F[b, 0, 0]`` not protected from the discard).
 
     Args:
-        attentions: ``L`` tensors ``(B, H, N, N)`` or one ``(L, B, H, N, N)`` tensor of post-softmax
-            attention ``A_l`` (rows are queries, layers in forward order); float16/bfloat16/float32.
+        attentions: post-softmax attention ``A_l`` in the layouts of :func:`attention_rollout` (a sequence
+            of ``L`` tensors ``(B, H, N, N)`` or one ``(L, B, H, N, N)``, layers first and in forward
+            order); float16/bfloat16/float32/float64; finite and >= 0, rows summing to 1 with ``check_rows``.
         gradients: ``G_l = dy/dA_l`` for the target score y, same shape, device and layer order as
-            ``attentions`` (e.g. :func:`rollout_fast.capture.capture_attention_grad`).
+            ``attentions`` (e.g. :func:`rollout_fast.capture.capture_attention_grad`); finite, any sign.
         discard_ratio, num_prefix_tokens, grid, normalize, backend: as :func:`attention_rollout`.
         readout: 'cls' (the method's readout), 'mean' or 'full'.
+        check_rows: refuse ``attentions`` whose rows do not sum to 1 (as :func:`attention_rollout`). The
+            gradient-weighted ``F_l`` is never row-checked: its rows are not normalised.
 
     Returns:
         float32 ``(B, gh, gw)``, or ``(B, N, N)`` for readout 'full', on the input's device; equal to
@@ -180,14 +225,15 @@ def grad_attention_rollout(attentions, gradients, *, discard_ratio: float = 0.0,
 
     Raises:
         TypeError, ValueError: bad arguments (each message names the argument): see
-            :func:`rollout_fast.reference.check_grad_rollout_args`; an unknown or unavailable backend.
+            :func:`rollout_fast.reference.check_grad_rollout_args` and :func:`attention_rollout`; an unknown
+            or unavailable backend.
 
     Source: jacobgil/vit-explain's ``grad_rollout`` with its layer pairing fixed (layer l's attention
     with layer l's gradient) and per-sample discard; Abnar & Zuidema 2020 for the rollout.
     """
     args, grads = reference.check_grad_rollout_args(
         attentions, gradients, discard_ratio=discard_ratio, num_prefix_tokens=num_prefix_tokens, grid=grid,
-        readout=readout, normalize=normalize)
+        readout=readout, normalize=normalize, check_rows=check_rows)
     _entry(backend, args.attentions.device)  # an unknown backend fails before any work
     L, B, _, N, _ = args.attentions.shape
     fused = torch.empty((L, B, 1, N, N), dtype=torch.float32, device=args.attentions.device)
@@ -195,4 +241,4 @@ def grad_attention_rollout(attentions, gradients, *, discard_ratio: float = 0.0,
         fused[layer, :, 0] = reference.grad_fuse_heads(args.attentions[layer], grads[layer])
     return attention_rollout(fused, head_fusion="mean", discard_ratio=args.discard_ratio,
                              num_prefix_tokens=args.num_prefix_tokens, grid=args.grid, readout=args.readout,
-                             normalize=args.normalize, protect_prefix=False, backend=backend)
+                             normalize=args.normalize, protect_prefix=False, check_rows=False, backend=backend)

@@ -169,17 +169,22 @@ def test_bad_input_same_errors_as_reference(make, kwargs, exc, match):
 
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -0.5])
 @pytest.mark.parametrize("H", [2, 6])  # the generic head loop and a compiled-in head count
-def test_cpu_backend_finds_non_finite_values_itself(bad, dtype, H):
-    """The CPU kernel checks finiteness during its one read, so the backend raises the reference's
-    ValueError even when the separate Python pass (check_finite) is skipped."""
+def test_cpu_backend_finds_bad_values_itself(bad, dtype, H):
+    """The CPU kernel checks finiteness and signs during its one read, so the backend raises the reference's
+    ValueError even when the separate Python pass (check_values) is skipped."""
     for N in (9, 70):  # a row tail only, and full 8-wide vectors
         att = make_attention(2, 3, H, N, dtype=dtype)
         att[1, 2, H - 1, N - 1, N // 2] = bad
-        args = reference.check_rollout_args(att, grid=(1, N - 1), check_finite=False)
-        with pytest.raises(ValueError, match="attentions: contains NaN or infinite values"):
+        args = reference.check_rollout_args(att, grid=(1, N - 1), check_values=False)
+        want = ("attentions: contains NaN or infinite values" if bad != -0.5 else
+                "attentions: contains negative values (the first: -0.5 at (layer, batch, head, query, key) = "
+                f"(1, 2, {H - 1}, {N - 1}, {N // 2})); rollout needs post-softmax attention probabilities, which "
+                "are >= 0")
+        with pytest.raises(ValueError) as info:
             rollout_ops.run_compiled(args)
+        assert str(info.value) == want
 
 
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)

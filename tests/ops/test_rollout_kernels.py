@@ -87,10 +87,11 @@ ADVERSARIAL = {
     # white-box, for the CPU kernel's sampled bracket (N*N > 4096, 1024 evenly strided samples): the
     # sampled entries are the large ones, so the bracket misses the rank and the exact fallback runs
     "sample_aliasing": lambda g: _sample_aliasing(g, 72),
-    # negative values, signed zeros, subnormals and huge magnitudes (H = 1: F is the input, exactly)
-    "signs_and_ranges": lambda g: torch.cat([
-        torch.randn(2, 2, 1, 9, 4, generator=g),
-        torch.tensor([-0.0, 0.0, 1e-40, -1e-40, 3e38]).expand(2, 2, 1, 9, 5)], dim=-1),
+    # signed zeros, subnormals and huge magnitudes (H = 1: F is the input, exactly); negative values are
+    # refused by every rollout op (test_compiled_op_checks_its_arguments, tests/ops/test_rollout_contract.py)
+    "zeros_and_ranges": lambda g: torch.cat([
+        torch.rand(2, 2, 1, 9, 4, generator=g),
+        torch.tensor([-0.0, 0.0, 1e-40, 1e-45, 3e38]).expand(2, 2, 1, 9, 5)], dim=-1),
 }
 
 
@@ -289,6 +290,11 @@ def test_triton_kernels_compile_for_gpu():
     ((torch.rand(2, 1, 2, 9, 9).index_put_((torch.tensor(1), torch.tensor(0)) + (torch.tensor(1),) * 3,
                                            torch.tensor(float("inf"))), "mean", 0.0, 1, True, "full", None),
      "NaN or infinite"),
+    ((torch.rand(2, 3, 2, 9, 9).index_put_((torch.tensor(1), torch.tensor(2)) + (torch.tensor(1),) * 3,
+                                           torch.tensor(-1e-30)), "max", 0.5, 1, True, "cls", "max"),
+     "rollout_fast: attentions contains negative values"),
+    (((-torch.rand(1, 1, 3, 70, 70)).to(torch.bfloat16), "min", 0.0, 1, True, "full", None),
+     "rollout_fast: attentions contains negative values"),
 ])
 def test_compiled_op_checks_its_arguments(args, match):
     """Called directly (no Python validation), the op raises instead of reading garbage."""

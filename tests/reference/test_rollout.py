@@ -242,5 +242,5 @@ def test_scalar_arguments_of_any_real_type():
 
 
 def test_empty_sequence_says_how_to_get_attention_from_hugging_face():
-    with pytest.raises(ValueError, match="attn_implementation='eager'.*AttentionRollout"):
+    with pytest.raises(ValueError, match='attn_implementation="eager".*rollout_fast.AttentionRollout'):
         reference.attention_rollout(())
