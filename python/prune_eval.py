@@ -13,13 +13,16 @@ seeds, mean and spread), and images/s of the full and the pruned model, scorer i
     python python/prune_eval.py --scorers random,cls-attention   # a subset
 
 ``--compare`` runs ``prune-eval --methods`` with :data:`COMPARISON` instead (rollout_fast.prune.study.
-compare_methods): ToMe, EViT, random and the student before the blocks, and the student's pre-selection
-followed by ToMe, each at its operating points, top-1 and images/s (batch 1 and 256, method's cost included)
+compare_methods): ToMe, EViT, ATS (at EViT's stages, and at every block from the second as ATS is released for
+DeiT-S), random and the student before the blocks, and the student's pre-selection followed by ToMe, each at
+its operating points, top-1 and images/s (batch 1 and 256, method's cost included)
 against the full model in the same run; methods.csv / methods.json / methods.md (the README table) and
 methods_top1_speedup.png. ``--methods SPEC ...`` gives other methods (see ``rollout-fast prune-eval -h``).
 
     python python/prune_eval.py --compare --out runs/compare
     python python/prune_eval.py --out runs/compare --methods tome:r=2,4,6,8 student+tome:keep=0.75:r=2,4
+    python python/prune_eval.py --compare --scorer-model runs/cifar10-vit-small/teacher.safetensors
+        # adds model-rollout (a second, smaller ViT's rollout picks the tokens) to the comparison
 
 Extra arguments are passed to ``rollout-fast prune-eval`` as they are (e.g. ``--limit 2000``).
 """
@@ -33,7 +36,10 @@ from rollout_fast.cli import prune_eval as prune_eval_command
 
 # the embedded teacher has 64 patches + the class token over 6 blocks: a constant ToMe r fits up to 9
 COMPARISON = ["random:keep=0.75,0.5,0.25", "student:keep=0.9,0.75,0.5,0.4,0.25", "tome:r=2,4,6,8,9",
-              "evit:keep=0.9,0.7,0.5,0.3:blocks=[1,2,3]", "student+tome:keep=0.75,0.5:r=2,4"]
+              "evit:keep=0.9,0.7,0.5,0.3:blocks=[1,2,3]", "ats:keep=1.0,0.7,0.5,0.3:blocks=[1,2,3]",
+              "ats:keep=1.0,0.9:blocks=[1,2,3,4,5]", "student+tome:keep=0.75,0.5:r=2,4"]
+# with --scorer-model (the cross-model scorer; see the README for training the small second ViT)
+SCORER_MODEL_COMPARISON = ["model-rollout:keep=0.75,0.5,0.4,0.25"]
 
 
 def main() -> int:
@@ -47,6 +53,8 @@ def main() -> int:
     args, extra = p.parse_known_args()
 
     methods = args.methods or (COMPARISON if args.compare else None)
+    if args.compare and not args.methods and any(e.split("=")[0] == "--scorer-model" for e in extra):
+        methods = COMPARISON + SCORER_MODEL_COMPARISON
     out = args.out or ("runs/compare" if methods else "runs/prune")
     study = ["--methods", *methods] if methods else ["--scorers", args.scorers, "--keep", args.keep, "--seeds", "3"]
     parser = argparse.ArgumentParser(prog="rollout-fast")

@@ -18,14 +18,16 @@ METHODS_HELP = (
     "compare token-reduction methods instead of --scorers/--keep: each SPEC is NAME[:KEY=V1,V2,...]..., NAME "
     "a pre-block scorer ({scorers}), an in-network method ({methods}) or SCORER+METHOD (pre-select, then "
     "reduce inside, e.g. student+tome); KEY=V1,V2 the operating points of one setting (scorers: keep, seed; "
-    "ToMe: r, prop_attn; EViT: keep, blocks, fuse; JSON values, [1,2,3] a list; several keys: every "
-    "combination; METHOD.KEY for a key both parts have). E.g. --methods tome:r=2,4,6,8 "
-    "'evit:keep=0.7,0.5:blocks=[1,2,3]' student:keep=0.75,0.5 student+tome:keep=0.75:r=2,4. Writes "
+    "ToMe: r, prop_attn; EViT: keep, blocks, fuse; ATS: keep, blocks; JSON values, [1,2,3] a list; several "
+    "keys: every combination; METHOD.KEY for a key both parts have). E.g. --methods tome:r=2,4,6,8 "
+    "'evit:keep=0.7,0.5:blocks=[1,2,3]' 'ats:keep=1.0,0.5:blocks=[1,2,3]' student:keep=0.75,0.5 "
+    "student+tome:keep=0.75:r=2,4 model-rollout:keep=0.5 (with --scorer-model). Writes "
     "methods.csv/json/md and methods_top1_speedup.png (top-1 against speed-up)")
+MODEL_SCORERS = ("model-rollout", "model-grad-rollout")
 
 
 def register(subparsers) -> None:
-    from ..prune import SCORERS, method_names
+    from ..prune import method_names, scorer_names
 
     p = subparsers.add_parser(
         "prune-eval", help="top-1 and throughput of token-pruned inference against the fraction of tokens dropped",
@@ -39,11 +41,12 @@ def register(subparsers) -> None:
                    help="extra timm.create_model argument for a timm name (JSON value), e.g. img_size=64")
     p.add_argument("--data", required=True, help="ImageFolder split, or a folder with labels.csv + images/")
     p.add_argument("--scorers", default=None,
-                   help=f"comma-separated, from {', '.join(SCORERS)} (grad-rollout: a second oracle, "
-                        f"the model's gradient rollout for its predicted class); default {DEFAULT_SCORERS}")
+                   help=f"comma-separated, from {', '.join(scorer_names())} (grad-rollout: a second oracle, "
+                        f"the model's gradient rollout for its predicted class; model-rollout / "
+                        f"model-grad-rollout: --scorer-model's rollout); default {DEFAULT_SCORERS}")
     p.add_argument("--keep", default=None, help=f"keep ratios in (0, 1]; default {DEFAULT_KEEP}")
     p.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
-                   help=METHODS_HELP.format(scorers=", ".join(SCORERS), methods=", ".join(method_names())))
+                   help=METHODS_HELP.format(scorers=", ".join(scorer_names()), methods=", ".join(method_names())))
     p.add_argument("--out", required=True, help="output folder (checked before any compute)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out (its results and plot are removed first)")
@@ -57,6 +60,15 @@ def register(subparsers) -> None:
                    help="student name or path for scorer 'student' (default: MODEL's shipped pruning student, "
                         "e.g. cifar10-vit-prune, else MODEL's student)")
     p.add_argument("--student-thumbnail", type=int, default=None, help="resize images to this side for the student")
+    p.add_argument("--scorer-model", default=None, metavar="NAME_OR_PATH",
+                   help="the ViT whose attention rollout (scorer model-rollout) or gradient rollout "
+                        "(model-grad-rollout) picks the tokens: 'cifar10-vit', a timm name, or a rollout_fast "
+                        ".safetensors with its card; it must have the pruned model's patch grid; images are "
+                        "resized to its input size when it differs (and re-normalised to its mean/std); its "
+                        "forward is part of the timed cost")
+    p.add_argument("--scorer-checkpoint", default=None, help="local weights for a timm --scorer-model")
+    p.add_argument("--scorer-timm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra timm.create_model argument for a timm --scorer-model (JSON value)")
     p.add_argument("--cls-block", type=int, default=0, help="block whose class-token attention 'cls-attention' uses")
     p.add_argument("--rollout-discard", type=float, default=0.9, help="discard ratio of the 'rollout' scorer")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -87,13 +99,19 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, data_config = load_teacher(args.model, checkpoint=args.checkpoint, device=device, **opts["timm_kwargs"])
+    try:
+        scorer_model = _load_scorer_model(args, opts, model, data_config, device)
+    except ValueError as e:
+        print(f"rollout-fast prune-eval: {e}", file=sys.stderr)
+        return 2
     common = {"batch_size": args.batch_size, "throughput_batches": opts["batches"],
               "throughput_time": args.throughput_time, "device": device, "student": opts["student"],
               "thumbnail": args.student_thumbnail, "block": args.cls_block,
               "rollout_discard_ratio": args.rollout_discard, "progress": not args.no_progress,
-              "accuracy": not args.throughput_only}
+              "accuracy": not args.throughput_only, "scorer_model": scorer_model,
+              "image_norm": (tuple(data_config["mean"]), tuple(data_config["std"])) if scorer_model else None}
     meta = {"model": args.model, "checkpoint": args.checkpoint, "data": str(args.data),
-            "student": opts["student_name"]}
+            "student": opts["student_name"], "scorer_model": args.scorer_model}
     if opts["methods"] is not None:
         return _run_methods(args, opts["methods"], model, data_config, common, meta)
     from ..data import load_eval_data
@@ -119,7 +137,8 @@ def _run_methods(args: argparse.Namespace, methods: list, model, data_config: di
     from ..prune.study import build_methods, compare_methods
 
     size = tuple(data_config["input_size"][-2:])
-    scorer_opts = {k: common[k] for k in ("student", "thumbnail", "block", "rollout_discard_ratio")}
+    scorer_opts = {k: common[k] for k in ("student", "thumbnail", "block", "rollout_discard_ratio", "scorer_model",
+                                          "image_norm")}
     try:
         build_methods(model, methods, size, **scorer_opts)
     except (ValueError, UnsupportedModelError) as e:
@@ -136,26 +155,61 @@ def _run_methods(args: argparse.Namespace, methods: list, model, data_config: di
 
 def _options(args: argparse.Namespace) -> dict:
     """The parsed lists, methods and the student of ``args``; ValueError naming the option at fault."""
-    from ..prune import SCORERS, check_keep_ratio
+    from ..prune import check_keep_ratio, scorer_names
 
     methods = _methods(args)
     keeps = [check_keep_ratio(v) for v in _parse_floats(args.keep or DEFAULT_KEEP, "--keep")]
     batches = [int(v) for v in _parse_floats(args.throughput_batches, "--throughput-batches")] \
         if args.throughput_batches.strip() else []
     scorers = [s.strip() for s in (args.scorers or DEFAULT_SCORERS).split(",") if s.strip()]
-    bad = [s for s in scorers if s not in SCORERS]
+    bad = [s for s in scorers if s not in scorer_names()]
     if bad or not scorers:
-        raise ValueError(f"--scorers: expected names from {SCORERS}, got {args.scorers!r}")
+        raise ValueError(f"--scorers: expected names from {scorer_names()}, got {args.scorers!r}")
     timm_kwargs = key_values(args.timm_arg, "--timm-arg")
+    scorer_timm_kwargs = key_values(args.scorer_timm_arg, "--scorer-timm-arg")
     if args.seeds < 1:
         raise ValueError("--seeds: expected >= 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads: expected >= 1")
-    uses_student = any(m.scorer == "student" for m in methods) if methods is not None else "student" in scorers
+    used = {m.scorer for m in methods} if methods is not None else set(scorers)
     option = "--methods" if methods is not None else "--scorers"
-    student, student_name = _student(args, option) if uses_student else (None, None)
+    student, student_name = _student(args, option) if "student" in used else (None, None)
+    uses_model = sorted(used & set(MODEL_SCORERS))
+    if uses_model and args.scorer_model is None:
+        raise ValueError(f"{option}: scorer {uses_model[0]!r} needs --scorer-model NAME_OR_PATH (the ViT whose "
+                         "rollout picks the tokens)")
+    if args.scorer_model is not None and not uses_model:
+        raise ValueError(f"--scorer-model: no scorer uses it; add {' or '.join(MODEL_SCORERS)} to {option}")
     return {"keeps": keeps, "batches": batches, "scorers": scorers, "timm_kwargs": timm_kwargs,
-            "student": student, "student_name": student_name, "methods": methods}
+            "student": student, "student_name": student_name, "methods": methods,
+            "scorer_timm_kwargs": scorer_timm_kwargs, "uses_scorer_model": bool(uses_model)}
+
+
+def _load_scorer_model(args: argparse.Namespace, opts: dict, model, data_config: dict, device):
+    """``(scorer model, its data config)`` for --scorer-model (None when no scorer uses one), checked against the
+    pruned model's patch grid before any compute; ValueError naming the option otherwise. Says on stderr when
+    the images will be resized for it."""
+    if not opts["uses_scorer_model"]:
+        return None
+    from ..capture import UnsupportedModelError
+    from ..prune.cross import ModelRolloutScorer
+    from ..zoo import load_teacher
+
+    try:
+        net, config = load_teacher(args.scorer_model, checkpoint=args.scorer_checkpoint, device=device,
+                                   **opts["scorer_timm_kwargs"])
+        scorer = ModelRolloutScorer(net)
+    except (ValueError, OSError, UnsupportedModelError) as e:
+        raise ValueError(f"--scorer-model: cannot use {args.scorer_model!r}: {e}") from None
+    try:
+        scorer.check_model(model)
+    except ValueError as e:
+        raise ValueError(f"--scorer-model {args.scorer_model}: {e}") from None
+    size = tuple(int(v) for v in data_config["input_size"][-2:])
+    if scorer.input_size != size:
+        print(f"rollout-fast prune-eval: note: --scorer-model {args.scorer_model} takes {scorer.input_size[0]}x"
+              f"{scorer.input_size[1]} images; the {size[0]}x{size[1]} inputs are resized for it", file=sys.stderr)
+    return net, config
 
 
 def _methods(args: argparse.Namespace) -> list | None:

@@ -25,15 +25,19 @@ a new name is one :func:`register_scorer` entry in :mod:`rollout_fast.prune.scor
   embedded tokens (no second patch embedding).
 - ``'student'`` (:class:`StudentScorer`): a small trained model mapping the (thumbnail of the) image to a
   ``(B, gh, gw)`` relevance map (issue 5's students; the seeds' ResNet/DeiT-tiny students).
+- ``'model-rollout'`` / ``'model-grad-rollout'`` (:class:`ModelRolloutScorer`, :mod:`~rollout_fast.prune.cross`):
+  another, smaller ViT's attention rollout / gradient rollout of the same image (``scorer_model=``; the
+  seeds' DeiT-tiny rollout pruning ViT-B); its input resized to that model's size, its grid must match.
 
 Sources: EViT (Liang et al. 2022) and DynamicViT (Rao et al., NeurIPS 2021) prune inside the network with
 trained or attention-based selection; the seeds dropped patches before the blocks by a (student's) rollout
 map (REFERENCE.md section 5). Here selection happens once, before the blocks, for any timm ViT.
 
 In-network baselines (tokens reduced between blocks): ``reduce_tokens(model, 'tome', r=8)`` (ToMe, Bolya et al.
-2023) and ``reduce_tokens(model, 'evit', keep_ratio=0.7)`` (EViT off the shelf), a :func:`register_method`
-registry in :mod:`~rollout_fast.prune.inner`, methods in :mod:`~rollout_fast.prune.merge` and
-:mod:`~rollout_fast.prune.evit`.
+2023), ``reduce_tokens(model, 'evit', keep_ratio=0.7)`` (EViT off the shelf) and ``reduce_tokens(model, 'ats',
+keep_ratio=1.0)`` (ATS, Fayyaz et al. ECCV 2022, training-free: an adaptive count per image), a
+:func:`register_method` registry in :mod:`~rollout_fast.prune.inner`, methods in :mod:`~rollout_fast.prune.merge`,
+:mod:`~rollout_fast.prune.evit` and :mod:`~rollout_fast.prune.ats`.
 
 Modules: :mod:`~rollout_fast.prune.keep` (keep ratios), :mod:`~rollout_fast.prune.scorers` (scorers and
 their registry), :mod:`~rollout_fast.prune.model` (:class:`TokenPruner`, :class:`PrunedViT`,
@@ -44,6 +48,8 @@ their registry), :mod:`~rollout_fast.prune.model` (:class:`TokenPruner`, :class:
 from __future__ import annotations
 
 from ..data import load_eval_data
+from .ats import ATS
+from .cross import ModelRolloutScorer
 from .evit import EViT
 from .inner import METHODS, ReducedViT, TokenReducer, method_names, reduce_tokens, register_method
 from .keep import check_keep_ratio, keep_count
@@ -67,11 +73,13 @@ from .study import prune_eval
 from .timing import measure_speedup, measure_throughput
 
 __all__ = [
+    "ATS",
     "METHODS",
     "SCORERS",
     "ClsAttentionScorer",
     "EViT",
     "GradRolloutScorer",
+    "ModelRolloutScorer",
     "PatchScorer",
     "PrunedViT",
     "RandomScorer",

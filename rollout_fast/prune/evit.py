@@ -30,7 +30,7 @@ from ..capture import UnsupportedModelError
 from .inner import TokenReducer, register_method
 from .keep import check_keep_ratio
 
-__all__ = ["EViT", "cls_attention", "evit_keep_count", "evit_reduce"]
+__all__ = ["EViT", "check_blocks", "cls_attention", "evit_keep_count", "evit_reduce"]
 
 
 def evit_keep_count(keep_ratio: float, num_tokens: int) -> int:
@@ -73,7 +73,9 @@ def evit_reduce(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, num_prefix_t
     return torch.cat(parts, dim=1)
 
 
-def _check_blocks(blocks, depth: int) -> list[int]:
+def check_blocks(blocks, depth: int) -> list[int]:
+    """The stage blocks: ``blocks`` as a list of increasing ints in [0, depth), or (None) three stages at
+    ``floor(s * depth / 4)``, s = 1, 2, 3. Raises ValueError naming ``blocks`` otherwise."""
     if blocks is None:
         return sorted({max(0, s * depth // 4) for s in (1, 2, 3)})
     try:
@@ -113,7 +115,7 @@ class EViT(TokenReducer):
         if not layout.has_class_token:
             raise UnsupportedModelError("model: EViT ranks tokens by the class token's attention, and this model "
                                         "has no class token")
-        stages = _check_blocks(self.blocks, len(model.blocks))
+        stages = check_blocks(self.blocks, len(model.blocks))
         ratios = self.keep_ratio if isinstance(self.keep_ratio, (list, tuple)) else [self.keep_ratio] * len(stages)
         if len(ratios) != len(stages):
             raise ValueError(f"keep_ratio: {len(ratios)} ratios for {len(stages)} blocks {stages}")

@@ -41,8 +41,8 @@ from ..capture.hooks import SDPACall, sdpa_call
 from .keep import keep_count
 from .model import PrunedViT, prune_tokens
 
-__all__ = ["METHODS", "ReducedViT", "ReducingBlocks", "TokenReducer", "method_names", "method_settings",
-           "prune_and_reduce", "reduce_tokens", "register_method"]
+__all__ = ["METHODS", "ReducedViT", "ReducingBlocks", "TokenReducer", "add_attn_mask", "method_names",
+           "method_settings", "prune_and_reduce", "reduce_tokens", "register_method"]
 
 METHODS: dict[str, type] = {}
 _SDPA = F.scaled_dot_product_attention
@@ -101,18 +101,37 @@ class TokenReducer:
         return False
 
     def sdpa(self, block: int, q, k, v, mask, scale: float, state: dict) -> torch.Tensor | None:
-        """See the block's SDPA call; return an additive float mask broadcastable to (B, H, N, N), or None."""
+        """See the block's SDPA call; return an additive float mask broadcastable to (B, H, N, N), or None.
+        ``state['num_tokens']``: the tokens entering the first block in this forward."""
         return None
 
     def after(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
         """The tokens ``x`` (B, N, D) leaving block ``block``, reduced."""
         return x
 
+    def observed_tokens(self) -> list[float] | None:
+        """Mean tokens entering each block over the images run since :meth:`reset_observed`, for a method whose
+        count depends on the image (ATS); None for one whose count :meth:`plan` gives."""
+        return None
+
+    def reset_observed(self) -> None:
+        """Forget the counts :meth:`observed_tokens` averages (a no-op for fixed-count methods)."""
+
     def take(self, state: dict, key: str, block: int):
         if key not in state:
             raise UnsupportedModelError(f"model.blocks[{block}]: its attention did not call "
                                         f"F.scaled_dot_product_attention; {self.name} needs SDPA")
         return state.pop(key)
+
+
+def add_attn_mask(mask: torch.Tensor | None, extra: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An SDPA ``attn_mask`` plus an additive float mask ``extra``: a bool ``mask`` (True = attend) becomes
+    0 / -inf in ``dtype`` first; either may be None (the other is returned)."""
+    if extra is None or mask is None:
+        return mask if extra is None else extra
+    if mask.dtype == torch.bool:
+        mask = torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, -torch.inf)
+    return mask + extra
 
 
 class _SDPATap(TorchFunctionMode):
@@ -133,12 +152,7 @@ class _SDPATap(TorchFunctionMode):
         extra = self.reducer.sdpa(self.block, q, k, v, mask, scale, self.state)
         if extra is None:
             return func(*args, **kwargs)
-        if mask is None:
-            mask = extra
-        elif mask.dtype == torch.bool:
-            mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, -torch.inf) + extra
-        else:
-            mask = mask + extra
+        mask = add_attn_mask(mask, extra, q.dtype)
         args = list(args)
         if len(args) > 3:
             args[3] = mask
@@ -164,7 +178,7 @@ class ReducingBlocks(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         red = self.reducer
         red.plan(x.shape[1])  # a dynamic-size input the settings cannot apply to fails here, with the reason
-        state: dict = {}
+        state: dict = {"num_tokens": x.shape[1]}
         for i, blk in enumerate(self):
             if red.uses_sdpa(i, state):
                 with _SDPATap(red, i, state):
@@ -250,20 +264,21 @@ def reduce_tokens(model: nn.Module, method="tome", **settings) -> ReducedViT:
         model: a timm VisionTransformer (see the module docstring). Not modified: the result is a shallow copy
             sharing its parameters and blocks, with its own ``blocks`` container.
         method: 'tome' (``r``, ``prop_attn``; :class:`~rollout_fast.prune.merge.ToMe`) | 'evit'
-            (``keep_ratio``, ``blocks``, ``fuse``; :class:`~rollout_fast.prune.evit.EViT`), another
-            :func:`register_method` name, or a :class:`TokenReducer` instance.
+            (``keep_ratio``, ``blocks``, ``fuse``; :class:`~rollout_fast.prune.evit.EViT`) | 'ats' (``keep_ratio``,
+            ``blocks``; :class:`~rollout_fast.prune.ats.ATS`), another :func:`register_method` name, or a
+            :class:`TokenReducer` instance.
         **settings: the method's settings.
 
     Returns:
         :class:`ReducedViT`; ``reduced(images)`` -> the model's output. At a no-reduction setting (ToMe
-        ``r=0``, EViT ``keep_ratio=1.0``) the output equals the unpruned model's exactly.
+        ``r=0``, EViT ``keep_ratio=1.0``, ATS ``blocks=[]``) the output equals the unpruned model's exactly.
 
     Raises:
         ValueError: unknown method or setting; settings the model's token count cannot take (ToMe: ``r`` above
-            half the unprotected tokens at some block; EViT: ``keep_ratio`` outside (0, 1], ``blocks`` out of
+            half the unprotected tokens at some block; EViT, ATS: ``keep_ratio`` outside (0, 1], ``blocks`` out of
             range), checked here for the model's default image size and at forward for other sizes.
-        UnsupportedModelError (TypeError): not a timm VisionTransformer with SDPA on; EViT on a model without
-            a class token.
+        UnsupportedModelError (TypeError): not a timm VisionTransformer with SDPA on; EViT or ATS on a model
+            without a class token; ATS on a model pooling over the tokens.
     """
     reducer = _make_reducer(method, settings)
     _require_reducible(model)

@@ -206,20 +206,22 @@ def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *,
             / CLIP or SigLIP vision model, a torchvision ``VisionTransformer``, an open_clip image tower: the
             tokens are dropped at the first block's input by a hook that exists only during the call.
         keep_ratio: fraction of patch tokens kept, in (0, 1]; ``k = max(1, floor(keep_ratio * G + 0.5))``.
-        scorer: a registered name ('random' | 'rollout' | 'grad-rollout' | 'cls-attention' | 'student', see
-            :func:`~rollout_fast.prune.register_scorer`), a :class:`PatchScorer`, or a callable
+        scorer: a registered name ('random' | 'rollout' | 'grad-rollout' | 'cls-attention' | 'student' |
+            'model-rollout' | 'model-grad-rollout', see :func:`~rollout_fast.prune.register_scorer`), a
+            :class:`PatchScorer`, or a callable
             ``images (B, 3, H, W) -> (B, G) or (B, gh, gw)`` float scores (larger = keep).
         backend: :func:`rollout_fast.topk_gather` backend ('auto' picks the compiled/Triton kernel).
         **scorer_kwargs: passed to :func:`make_scorer` (``seed``, ``student``, ``thumbnail``, ``block``,
-            ``rollout_discard_ratio``, ``head_fusion``).
+            ``rollout_discard_ratio``, ``head_fusion``, ``scorer_model``, ``image_norm``).
 
     Returns:
         :class:`PrunedViT`; ``pruned(images)`` returns the model's output for ``images`` (B, 3, H, W).
         ``keep_ratio=1.0`` returns exactly the unpruned model's output (the scorer is not run).
 
     Raises:
-        ValueError: ``keep_ratio`` outside (0, 1]; an unknown scorer or backend; a student whose grid differs
-            from the model's patch grid; at call time, a scorer returning the wrong shape or non-finite scores.
+        ValueError: ``keep_ratio`` outside (0, 1]; an unknown scorer or backend; a student or a scorer model
+            ('model-rollout') whose grid differs from the model's patch grid; at call time, a scorer returning the
+            wrong shape or non-finite scores.
         UnsupportedModelError (TypeError), here and never at the first forward: ``model`` is not a supported
             ViT (a timm one needs a ``patch_drop`` module), or applies RoPE (EVA, vit_*_rope*) or a relative-position bias
             (vit_relpos_*, BEiT, Hugging Face BEiT) inside its blocks, which pruning by token index would get wrong; a scorer that

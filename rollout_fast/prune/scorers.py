@@ -5,9 +5,10 @@ name, a :class:`PatchScorer` or a callable. A new scorer is one decorated factor
 
     @register_scorer("entropy")
     def _entropy(**options) -> PatchScorer:       # options: seed, student, thumbnail, block,
-        return EntropyScorer()                     # rollout_discard_ratio, head_fusion
+        return EntropyScorer()                     # rollout_discard_ratio, head_fusion, scorer_model, image_norm
 
-Registered: 'random', 'rollout', 'grad-rollout', 'cls-attention', 'student' (see :mod:`rollout_fast.prune`).
+Registered: 'random', 'rollout', 'grad-rollout', 'cls-attention', 'student' (see :mod:`rollout_fast.prune`),
+and, from :mod:`rollout_fast.prune.cross`, 'model-rollout' and 'model-grad-rollout' (another ViT's rollout).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def register_scorer(name: str) -> Callable[[ScorerFactory], ScorerFactory]:
     """Decorator: register ``factory(**options) -> PatchScorer`` under ``name`` for :func:`make_scorer`.
 
     The factory receives every option of :func:`make_scorer` as keywords (``seed``, ``student``,
-    ``thumbnail``, ``block``, ``rollout_discard_ratio``, ``head_fusion``) and uses those it needs.
+    ``thumbnail``, ``block``, ``rollout_discard_ratio``, ``head_fusion``, ``scorer_model``, ``image_norm``)
+    and uses those it needs.
 
     Raises:
         ValueError: ``name`` is already registered.
@@ -331,14 +333,21 @@ SCORERS = scorer_names()  # the built-in names; scorer_names() also lists scorer
 
 
 def make_scorer(scorer, *, seed: int = 0, student=None, thumbnail=None, block: int = 0,
-                rollout_discard_ratio: float = 0.9, head_fusion: str = "mean") -> PatchScorer:
+                rollout_discard_ratio: float = 0.9, head_fusion: str = "mean", scorer_model=None,
+                image_norm=None) -> PatchScorer:
     """A :class:`PatchScorer` from a registered name ('random' | 'rollout' | 'grad-rollout' | 'cls-attention'
-    | 'student', see :func:`register_scorer`), a scorer, or a callable ``images -> (B, G)``.
+    | 'student' | 'model-rollout' | 'model-grad-rollout', see :func:`register_scorer`), a scorer, or a
+    callable ``images -> (B, G)``.
 
     'student' needs ``student``: a module/callable, or a name for ``rollout_fast.students.load_student``.
+    'model-rollout' / 'model-grad-rollout' need ``scorer_model``: a ViT module, a ``(module, data_config)``
+    pair or a name for :func:`rollout_fast.zoo.load_teacher`; ``image_norm`` = (mean, std) of the images
+    lets them be re-normalised for a scorer model whose data config is known
+    (:class:`~rollout_fast.prune.cross.ModelRolloutScorer`).
 
     Raises:
-        ValueError: unknown name; 'student' without a student (or the students package is missing).
+        ValueError: unknown name; 'student' without a student (or the students package is missing);
+            'model-rollout' without a scorer model.
         TypeError: neither a name, a PatchScorer nor a callable.
     """
     if isinstance(scorer, PatchScorer):
@@ -349,7 +358,8 @@ def make_scorer(scorer, *, seed: int = 0, student=None, thumbnail=None, block: i
             raise ValueError(f"scorer: expected one of {scorer_names()}, a PatchScorer or a callable, "
                              f"got {scorer!r}")
         return factory(seed=seed, student=student, thumbnail=thumbnail, block=block,
-                       rollout_discard_ratio=rollout_discard_ratio, head_fusion=head_fusion)
+                       rollout_discard_ratio=rollout_discard_ratio, head_fusion=head_fusion,
+                       scorer_model=scorer_model, image_norm=image_norm)
     if callable(scorer):
         return _CallableScorer(scorer)
     raise TypeError(f"scorer: expected one of {scorer_names()}, a PatchScorer or a callable, "

@@ -12,18 +12,19 @@ A method of :func:`compare_methods` is a spec string ``NAME[:KEY=V1,V2,...]...``
 
 - ``NAME``: a pre-block scorer (:func:`~rollout_fast.prune.register_scorer`: ``random``, ``student``, ...;
   :func:`~rollout_fast.prune.prune_tokens`), an in-network method (:func:`~rollout_fast.prune.register_method`:
-  ``tome``, ``evit``; :func:`~rollout_fast.prune.reduce_tokens`), or ``SCORER+METHOD`` (pre-select with the
+  ``tome``, ``evit``, ``ats``; :func:`~rollout_fast.prune.reduce_tokens`), or ``SCORER+METHOD`` (pre-select with the
   scorer, then reduce inside: :func:`~rollout_fast.prune.inner.prune_and_reduce`, e.g. ``student+tome``).
   So a new scorer or method is one registry entry, usable here with no other change.
 - ``KEY=V1,V2``: the operating points of one setting; values are JSON (numbers, ``true``, ``[1,2,3]``;
   commas inside brackets do not split). Keys: a scorer's ``keep`` (= ``keep_ratio``, default
   :data:`PRESELECT_POINTS`) and ``seed``; a method's own arguments (ToMe ``r``, ``prop_attn``; EViT
-  ``keep`` = ``keep_ratio``, ``blocks``, ``fuse``; defaults: its ``operating_points``). In ``SCORER+METHOD``
+  ``keep`` = ``keep_ratio``, ``blocks``, ``fuse``; ATS ``keep``, ``blocks``; defaults: its ``operating_points``). In ``SCORER+METHOD``
   a key goes to the scorer when both have it; ``METHOD.KEY`` (``evit.keep``) names the other.
 - Several keys: every combination (``student+tome:keep=0.75,0.5:r=2,4`` is four operating points).
 
 Examples: ``tome:r=2,4,6,8``, ``evit:keep=0.7,0.5:blocks=[1,2,3]``, ``student:keep=0.75,0.5``,
-``random:keep=0.5:seed=0,1,2``, ``student+tome:keep=0.75:r=2,4``.
+``random:keep=0.5:seed=0,1,2``, ``student+tome:keep=0.75:r=2,4``, ``ats:keep=1.0,0.5:blocks=[1,2,3]``,
+``model-rollout:keep=0.5`` (with ``scorer_model``).
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                keeps: Sequence[float], seeds: int = 3, batch_size: int = 256,
                throughput_batches: Sequence[int] = (1, 256), throughput_time: float = 1.0, device="cpu",
                student=None, thumbnail=None, block: int = 0, rollout_discard_ratio: float = 0.9,
-               progress: bool = True, accuracy: bool = True) -> dict:
+               scorer_model=None, image_norm=None, progress: bool = True, accuracy: bool = True) -> dict:
     """Top-1 of ``model`` pruned by each scorer at each keep ratio, and images/s (scorer included).
+
+    ``student``, ``thumbnail``, ``block``, ``rollout_discard_ratio``, ``scorer_model``, ``image_norm``: the
+    scorers' options (:func:`~rollout_fast.prune.make_scorer`; ``scorer_model`` for 'model-rollout').
 
     Throughput: each pruned configuration is timed in alternation with the full model
     (:func:`measure_speedup`), so ``speedup`` compares runs made under the same machine load; the 'full'
@@ -71,8 +75,10 @@ def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
     model = model.to(device).eval()
     layout = token_layout(model, tuple(images.shape[-2:]))
     options = {"student": student, "thumbnail": thumbnail, "block": block,
-               "rollout_discard_ratio": rollout_discard_ratio}
+               "rollout_discard_ratio": rollout_discard_ratio, "scorer_model": scorer_model, "image_norm": image_norm}
     timed = {name: make_scorer(name, seed=0, **options) for name in dict.fromkeys(scorers)}  # one each, seed 0
+    for sc in timed.values():
+        sc.check_model(model)  # e.g. a scorer model with another patch grid: refused before any compute
     full_top1, rows = None, []
     if accuracy:
         full_top1, rows = _accuracy(model, images, labels, _scorer_runs(timed, seeds), keeps,
@@ -318,7 +324,9 @@ class BuiltMethod:
     ``module(images)`` -> logits with the method's own cost (the scorer runs inside); with a pre-block
     ``scorer``, ``module(images, scores=S)`` takes (B, G) scores computed once and shared (``scorer_key``
     names them; ``needs_scores`` is False when nothing is dropped before the blocks). ``tokens``: the tokens
-    entering each block for the model's image size.
+    entering each block for the model's image size (for a method whose count depends on the image, ATS, the
+    mean over the evaluated images once :func:`compare_methods` has run them). ``reducer``: the in-network
+    method's :class:`~rollout_fast.prune.TokenReducer` (None for a scorer alone).
     """
 
     method: str
@@ -327,16 +335,18 @@ class BuiltMethod:
     scorer: PatchScorer | None
     scorer_key: tuple | None
     needs_scores: bool
-    tokens: list[int]
+    tokens: list
+    reducer: object = None
 
 
 def build_methods(model: nn.Module, methods: Sequence[str | MethodSpec], image_size: tuple[int, int], *,
-                  student=None, thumbnail=None, block: int = 0, rollout_discard_ratio: float = 0.9
-                  ) -> list[BuiltMethod]:
+                  student=None, thumbnail=None, block: int = 0, rollout_discard_ratio: float = 0.9,
+                  scorer_model=None, image_norm=None) -> list[BuiltMethod]:
     """Every method of ``methods`` (spec strings or :class:`MethodSpec`) at each of its operating points.
 
     One scorer per (scorer name, seed) is made (``student``, ``thumbnail``, ``block``,
-    ``rollout_discard_ratio``: :func:`~rollout_fast.prune.make_scorer`'s options) and shared by its points.
+    ``rollout_discard_ratio``, ``scorer_model``, ``image_norm``: :func:`~rollout_fast.prune.make_scorer`'s
+    options) and shared by its points.
     Building is cheap (shallow copies); nothing runs.
 
     Raises:
@@ -347,7 +357,7 @@ def build_methods(model: nn.Module, methods: Sequence[str | MethodSpec], image_s
     layout = token_layout(model, tuple(image_size))
     G, P, depth = layout.grid[0] * layout.grid[1], layout.num_prefix_tokens, len(model.blocks)
     options = {"student": student, "thumbnail": thumbnail, "block": block,
-               "rollout_discard_ratio": rollout_discard_ratio}
+               "rollout_discard_ratio": rollout_discard_ratio, "scorer_model": scorer_model, "image_norm": image_norm}
     scorers: dict[tuple, PatchScorer] = {}
     built = []
     for spec in (m if isinstance(m, MethodSpec) else parse_method(m) for m in methods):
@@ -364,24 +374,25 @@ def _build_one(model, spec: MethodSpec, pt: OperatingPoint, scorers: dict, optio
                depth: int, num_tokens: int) -> BuiltMethod:
     if spec.scorer is None:
         module = reduce_tokens(model, spec.reducer, **pt.reducer)
-        return BuiltMethod(spec.name, pt.label, module, None, None, False, module.method.plan(num_tokens)[:-1])
+        return BuiltMethod(spec.name, pt.label, module, None, None, False, module.method.plan(num_tokens)[:-1],
+                           module.method)
     key = (spec.scorer, pt.scorer.get("seed", 0))
     if key not in scorers:
         scorers[key] = make_scorer(spec.scorer, seed=key[1], **options)
     sc, keep = scorers[key], pt.scorer["keep_ratio"]
     k = keep_count(keep, G)
     if spec.reducer is None:
-        module, tokens = prune_tokens(model, keep, sc), [P + k] * depth
-    else:
-        module = prune_and_reduce(model, keep, sc, spec.reducer, pt.reducer)
-        tokens = module.vit.blocks.reducer.plan(P + k)[:-1]
-    return BuiltMethod(spec.name, pt.label, module, sc, key, k < G, tokens)
+        return BuiltMethod(spec.name, pt.label, prune_tokens(model, keep, sc), sc, key, k < G, [P + k] * depth)
+    module = prune_and_reduce(model, keep, sc, spec.reducer, pt.reducer)
+    reducer = module.vit.blocks.reducer
+    return BuiltMethod(spec.name, pt.label, module, sc, key, k < G, reducer.plan(P + k)[:-1], reducer)
 
 
 def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, methods: Sequence[str | MethodSpec],
                     *, batch_size: int = 256, throughput_batches: Sequence[int] = (1, 256),
                     throughput_time: float = 1.0, device="cpu", student=None, thumbnail=None, block: int = 0,
-                    rollout_discard_ratio: float = 0.9, progress: bool = True, accuracy: bool = True) -> dict:
+                    rollout_discard_ratio: float = 0.9, scorer_model=None, image_norm=None, progress: bool = True,
+                    accuracy: bool = True) -> dict:
     """Top-1, images/s and speed-up of each method at each operating point, on the same images, model and run.
 
     Args:
@@ -391,7 +402,8 @@ def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             or :class:`MethodSpec`.
         batch_size: evaluation batch. throughput_batches: batch sizes timed (empty: no timing).
         throughput_time: seconds per timing (median of runs, at least 3 each).
-        student, thumbnail, block, rollout_discard_ratio: the scorers' options (:func:`make_scorer`).
+        student, thumbnail, block, rollout_discard_ratio, scorer_model, image_norm: the scorers' options
+            (:func:`make_scorer`; ``scorer_model``: the ViT whose rollout 'model-rollout' uses).
         accuracy: False only times (top-1 None).
 
     Top-1: the full model's logits once per batch; each pre-block scorer's scores once per batch and scorer
@@ -411,8 +423,8 @@ def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """
     model = model.to(device).eval()
     specs = [m if isinstance(m, MethodSpec) else parse_method(m) for m in methods]
-    runs = build_methods(model, specs, tuple(images.shape[-2:]), student=student, thumbnail=thumbnail,
-                         block=block, rollout_discard_ratio=rollout_discard_ratio)
+    runs = build_methods(model, specs, tuple(images.shape[-2:]), student=student, thumbnail=thumbnail, block=block,
+                         rollout_discard_ratio=rollout_discard_ratio, scorer_model=scorer_model, image_norm=image_norm)
     layout = token_layout(model, tuple(images.shape[-2:]))
     full_top1, top1 = None, [None] * len(runs)
     if accuracy:
@@ -432,12 +444,15 @@ def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def _methods_accuracy(model, images, labels, runs: list[BuiltMethod], batch_size: int, grid, device,
                       progress: bool) -> tuple[float, list[float]]:
-    """``(full-model top-1, [top-1 of each run])``; scores computed once per batch and scorer."""
+    """``(full-model top-1, [top-1 of each run])``; scores computed once per batch and scorer. A run whose
+    reducer counts its tokens per image (ATS) gets ``tokens`` = the mean over these images."""
     from tqdm.auto import tqdm
 
     for r in runs:
         if r.scorer is not None:
             r.scorer.reset()
+        if r.reducer is not None:
+            r.reducer.reset_observed()
     full_correct, correct = 0, [0] * len(runs)
     n = images.shape[0]
     with torch.inference_mode():
@@ -455,6 +470,10 @@ def _methods_accuracy(model, images, labels, runs: list[BuiltMethod], batch_size
                 else:
                     out = r.module(x)
                 correct[i] += int((out.argmax(-1) == y).sum())
+    for r in runs:
+        seen = r.reducer.observed_tokens() if r.reducer is not None else None
+        if seen is not None:
+            r.tokens = seen
     return full_correct / n, [c / n for c in correct]
 
 

@@ -69,6 +69,8 @@ def test_prune_eval_cli_on_real_photos(imagenet_sample, tmp_path, capsys):
     (["--timm-arg", "img_size"], "KEY=VALUE"),
     (["--threads", "0"], "--threads"),
     (["--seeds", "0"], "--seeds"),
+    (["--scorers", "random,model-rollout"], "--scorers: scorer 'model-rollout' needs --scorer-model NAME_OR_PATH"),
+    (["--scorer-timm-arg", "depth"], "--scorer-timm-arg: expected KEY=VALUE"),
 ])
 def test_prune_eval_bad_arguments(argv, match, tmp_path, capsys):
     rc = _run(["prune-eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
@@ -93,6 +95,9 @@ def tiny_folder(tmp_path):
 
 TINY = ["--model", "vit_tiny_patch16_224", "--timm-arg", "img_size=32", "--timm-arg", "patch_size=8",
         "--timm-arg", "depth=2"]  # 16 patches + a class token, 2 blocks, random weights
+# a second, smaller random ViT on the same 4x4 grid at its own 64 px input (one block)
+SCORER_MODEL = ["--scorer-model", "vit_tiny_patch16_224", "--scorer-timm-arg", "img_size=64", "--scorer-timm-arg",
+                "depth=1"]
 
 
 def test_prune_eval_methods_on_a_tiny_vit(tiny_folder, tmp_path, capsys):
@@ -147,6 +152,16 @@ def test_prune_eval_methods_on_a_tiny_vit(tiny_folder, tmp_path, capsys):
      "random:keep=0.5,0.25), not with --scorers/--keep")),
     (["--methods", "student+tome:r=2", "--student", "/nonexistent/s.safetensors"], ("--methods student: no student "
      "for '/nonexistent/s.safetensors'")),
+    (["--methods", "ats:keep=0.5,1.5"], "--methods ats:keep=0.5,1.5: keep_ratio: expected a number in (0, 1], got 1.5"),
+    (["--methods", "ats:blocks=[2]:keep=0.5"], ("--methods ats:blocks=[2]:keep=0.5: blocks=[2] keep=0.5: blocks: "
+     "expected increasing block indices in [0, 2), got [2]")),
+    (["--methods", "model-rollout:keep=0.5"], ("--methods: scorer 'model-rollout' needs --scorer-model NAME_OR_PATH "
+     "(the ViT whose rollout picks the tokens)")),
+    (["--methods", "tome:r=2", "--scorer-model", "vit_tiny_patch16_224"], ("--scorer-model: no scorer uses it; add "
+     "model-rollout or model-grad-rollout to --methods")),
+    (["--methods", "model-rollout:keep=0.5", *SCORER_MODEL[:2], "--scorer-timm-arg", "img_size=32",
+      "--scorer-timm-arg", "patch_size=4"], ("--scorer-model vit_tiny_patch16_224: scorer model: its patch grid is "
+     "8x8 at its 32x32 input, the pruned model's is 4x4; use a scorer model with the same patch grid")),
 ])
 def test_prune_eval_methods_bad_settings_are_one_line_errors(argv, message, tiny_folder, tmp_path, capsys):
     from rollout_fast.cli import main
@@ -158,3 +173,44 @@ def test_prune_eval_methods_bad_settings_are_one_line_errors(argv, message, tiny
     if "no student" not in message:  # that one ends with the loader's own reason
         assert err == f"rollout-fast prune-eval: {message}\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_eval_ats_and_a_scorer_model_on_a_tiny_vit(tiny_folder, tmp_path, capsys):
+    """--methods ats (adaptive token counts: the measured mean tokens/block) and model-rollout /
+    model-grad-rollout with --scorer-model (a 64 px ViT on the same 4x4 grid: the images are resized for it, and
+    the command says so); the no-reduction settings score the full model's top-1."""
+    out = tmp_path / "out"
+    rc = _run(["prune-eval", *TINY, "--data", str(tiny_folder), "--batch-size", "3", "--throughput-batches", "2",
+               "--throughput-time", "0", "--out", str(out), "--no-progress", *SCORER_MODEL, "--methods",
+               "ats:keep=1.0,0.5:blocks=[0,1]", "ats:keep=1.0:blocks=[]", "model-rollout:keep=1.0,0.5",
+               "model-grad-rollout:keep=0.5", "model-rollout+ats:keep=0.5:ats.keep=1.0:blocks=[0]"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert captured.err == ("rollout-fast prune-eval: note: --scorer-model vit_tiny_patch16_224 takes 64x64 images; "
+                            "the 32x32 inputs are resized for it\n")
+    res = json.loads((out / "methods.json").read_text())
+    assert res["meta"]["scorer_model"] == "vit_tiny_patch16_224"
+    rows = {(r["method"], r["setting"]): r for r in res["rows"]}
+    assert list(rows) == [("full", "-"), ("ats", "keep=1.0 blocks=[0,1]"), ("ats", "keep=0.5 blocks=[0,1]"),
+                          ("ats", "keep=1.0 blocks=[]"), ("model-rollout", "keep=1.0"), ("model-rollout", "keep=0.5"),
+                          ("model-grad-rollout", "keep=0.5"), ("model-rollout+ats", "keep=0.5 ats.keep=1.0 blocks=[0]")]
+    full = res["meta"]["full_top1"]
+    for key in (("ats", "keep=1.0 blocks=[]"), ("model-rollout", "keep=1.0")):
+        assert rows[key]["top1"] == full and rows[key]["tokens"] == 17.0
+    assert rows[("ats", "keep=0.5 blocks=[0,1]")]["tokens"] <= (17 + 9) / 2  # 8 quantiles of 16 at block 0
+    assert rows[("model-rollout", "keep=0.5")]["tokens"] == 9.0
+    assert all(r["images_per_s"] > 0 for r in res["rows"])
+
+
+def test_prune_eval_scorers_with_a_scorer_model(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    rc = _run(["prune-eval", *TINY, "--data", str(tiny_folder), "--batch-size", "3", "--throughput-batches", "2",
+               "--throughput-time", "0", "--out", str(out), "--no-progress", *SCORER_MODEL, "--scorers",
+               "random,model-rollout", "--keep", "1.0,0.5", "--seeds", "1"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {(r["scorer"], r["keep_ratio"]): r for r in res["rows"]}
+    assert rows[("model-rollout", 1.0)]["top1"] == res["meta"]["full_top1"]
+    assert rows[("model-rollout", 0.5)]["tokens_kept"] == 8
+    assert {(t["scorer"], t["keep_ratio"]) for t in res["throughput"]} == {("full", 1.0), ("random", 0.5),
+                                                                           ("model-rollout", 0.5)}

@@ -25,7 +25,7 @@ from rollout_fast.prune.study import PRESELECT_POINTS, build_methods, compare_me
 from rollout_fast.reference import topk_gather_reference
 
 # the no-reduction setting of each in-network method (a method registered without one here fails below)
-NO_REDUCTION = {"tome": "r=0", "evit": "keep=1.0"}
+NO_REDUCTION = {"tome": "r=0", "evit": "keep=1.0", "ats": "keep=1.0:blocks=[]"}
 
 
 def test_spec_syntax_points_labels_and_defaults():
@@ -68,13 +68,15 @@ def test_bad_specs_raise_naming_the_spec(text, message):
 def _all_no_reduction_specs():
     assert set(NO_REDUCTION) == set(method_names()), "give the new method's no-reduction setting in NO_REDUCTION"
     return ([f"{s}:keep=1.0" for s in scorer_names()] + [f"{m}:{NO_REDUCTION[m]}" for m in method_names()]
-            + [f"{s}+{m}:keep=1.0:{m}.{NO_REDUCTION[m]}" for s in ("student", "cls-attention") for m in method_names()])
+            + [f"{s}+{m}:keep=1.0:" + ":".join(f"{m}.{part}" for part in NO_REDUCTION[m].split(":"))
+               for s in ("student", "cls-attention") for m in method_names()])
 
 
 @pytest.mark.parametrize("spec", _all_no_reduction_specs())
 def test_every_method_at_its_no_reduction_setting_is_the_unpruned_model(spec):
     model, x = tiny_vit(), images_for("vit")
-    (run,) = build_methods(model, [spec], (32, 32), student=StandInStudent((8, 8)))
+    (run,) = build_methods(model, [spec], (32, 32), student=StandInStudent((8, 8)),
+                           scorer_model=tiny_vit(depth=1, embed_dim=24))
     assert run.tokens == [65, 65] and not run.needs_scores
     with torch.no_grad():
         assert torch.equal(run.module(x), model(x)), spec
@@ -170,3 +172,24 @@ def test_a_new_method_is_one_registry_entry_in_the_comparison():
             ("random+drop-last-cmp", "keep=0.5 n=3", [33, 30])]
     finally:
         METHODS.pop("drop-last-cmp")
+
+
+def test_compare_methods_reports_the_tokens_ats_really_kept():
+    """ATS keeps a per-image count: the table's tokens/block is the mean over the evaluated images (at most the
+    planned bound), alone and after a pre-selection."""
+    model = tiny_vit()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(6, dtype=torch.int64)
+    res = compare_methods(model, images, labels, ["ats:keep=1.0,0.5:blocks=[0]",
+                                                  "random+ats:keep=0.5:ats.keep=1.0:ats.blocks=[0]"],
+                          batch_size=4, throughput_batches=(), progress=False)
+    rows = {(r["method"], r["setting"]): r["tokens"] for r in res["rows"]}
+    for keep in (1.0, 0.5):
+        red = reduce_tokens(model, "ats", keep_ratio=keep, blocks=[0])
+        with torch.no_grad():
+            red(images[:4]), red(images[4:])
+        seen = red.method.observed_tokens()
+        assert rows[("ats", f"keep={keep} blocks=[0]")] == round(sum(seen) / 2, 2)
+        assert seen[0] == 65 and seen[1] <= 1 + 64 * keep
+    assert rows[("ats", "keep=1.0 blocks=[0]")] < 65  # keep 1.0 still drops the tokens no quantile lands on
+    assert rows[("random+ats", "keep=0.5 ats.keep=1.0 blocks=[0]")] < 33
