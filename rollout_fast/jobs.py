@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,20 +11,29 @@ import numpy as np
 import torch
 
 from .explain import AttentionRollout
+from .shards import SHARD_OUTPUTS
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "OVERLAY_MODES",
     "ROLLOUT_OUTPUTS",
     "RolloutJobResult",
+    "caption",
+    "check_request",
     "class_names_of",
     "collect_images",
     "evaluate_folder",
+    "label_of",
+    "overlay_mode",
     "rollout_images",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# what rollout_images writes, as glob patterns in its output folder (an earlier run's are refused or removed)
-ROLLOUT_OUTPUTS = ("rollout.npz", "grid.png", "overlays/[0-9][0-9][0-9][0-9][0-9]_*.png")
+# what the rollout jobs write (rollout_images; rollout_fast.shard_job.rollout_shards: SHARD_OUTPUTS too), as glob
+# patterns in the output folder (an earlier run's are refused or removed, whichever of the two wrote it)
+ROLLOUT_OUTPUTS = ("rollout.npz", "grid.png", *(f"overlays/{'[0-9]' * n}_*.png" for n in (5, 6, 7, 8)),
+                   *SHARD_OUTPUTS)
+OVERLAY_MODES = ("all", "sample", "none")
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -63,6 +71,17 @@ def class_names_of(model: torch.nn.Module) -> list[str] | None:
     return None
 
 
+def label_of(names: Sequence[str] | None, c: int) -> str:
+    """Class ``c``'s name, or its index when the model has no class names."""
+    return names[c] if names else str(c)
+
+
+def caption(names: Sequence[str] | None, method: str, c: int, t: int) -> str:
+    """An overlay's label: the predicted class ``c`` (and for 'grad' the class ``t`` its map explains)."""
+    label = label_of(names, c)
+    return label + f"; grad for {label_of(names, t)}" if method == "grad" else label
+
+
 @dataclass
 class RolloutJobResult:
     """What :func:`rollout_images` wrote and skipped."""
@@ -75,14 +94,13 @@ class RolloutJobResult:
     overlays: list[Path] = field(default_factory=list)
 
 
-def _load_rgb(path: Path):
-    from .data import load_image
+def check_request(batch_size: int, method: str, target, model: torch.nn.Module) -> None:
+    """The arguments of a rollout job (:func:`rollout_images`, :func:`rollout_fast.shard_job.rollout_shards`),
+    checked once before any file is read.
 
-    return load_image(path)
-
-
-def _check_request(batch_size: int, method: str, target, model: torch.nn.Module) -> None:
-    """The arguments of :func:`rollout_images`, checked once before any file is read."""
+    Raises:
+        ValueError / TypeError: see :func:`rollout_images`.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     if method not in ("attention", "grad"):
@@ -106,87 +124,29 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="rollout", unit="step", disable=not enabled)
 
 
-def _batches(files: Sequence, transform, batch_size: int, skipped: list, bar):
-    """``(images (b, 3, H, W), files)`` batches of the readable files; unreadable ones are warned about,
-    appended to ``skipped`` as ``(file, reason)`` and counted on ``bar``."""
-    batch, batch_files = [], []
-    for f in files:
-        try:
-            img = _load_rgb(Path(f))
-        except Exception as e:  # PIL raises OSError, UnidentifiedImageError, ValueError, ...
-            # stacklevel 3: the warning points at the caller of rollout_images
-            warnings.warn(f"skipping unreadable image {str(f)!r}: {type(e).__name__}: {e}", stacklevel=3)
-            skipped.append((str(f), f"{type(e).__name__}: {e}"))
-            bar.update(1)
-            continue
-        batch.append(transform(img))
-        batch_files.append(f)
-        if len(batch) == batch_size:
-            yield torch.stack(batch), batch_files
-            batch, batch_files = [], []
-    if batch:
-        yield torch.stack(batch), batch_files
-
-
 class _RolloutWriter:
-    """Collects the maps of each batch, writes the overlays as it goes and ``rollout.npz`` + ``grid.png`` at
-    the end (:meth:`finish`).
+    """Collects the maps of each batch, writes the overlays as it goes (:class:`~rollout_fast.overlay_queue.
+    OverlayQueue`: by threads while the next batch is explained) and ``rollout.npz`` + ``grid.png`` at the end
+    (:meth:`finish`, after every overlay); :meth:`close` cancels what is left (an error elsewhere)."""
 
-    Overlays are drawn and encoded by a pool of :attr:`WORKERS` threads (numpy/PIL release the GIL) while the
-    next batch is explained; at most :attr:`MAX_PENDING` wait. A worker's error is raised in the calling
-    thread (by the next :meth:`add` or by :meth:`finish`); :meth:`finish` waits for every overlay before the
-    grid; :meth:`close` cancels what is left (an error elsewhere) and waits for the running writes."""
-
-    WORKERS = 2
-    MAX_PENDING = 64
-
-    def __init__(self, out: Path, data_config: dict, names: list[str] | None, method: str, overlays: bool,
+    def __init__(self, out: Path, data_config: dict, names: list[str] | None, method: str, overlays: str,
                  earlier: Sequence[Path] = (), bar=None):
+        from .overlay_queue import OverlayQueue
+
         self.result = RolloutJobResult(out)
         self.bar = bar  # advanced once per image written and once for the grid
         self.earlier = list(earlier)  # an earlier run's outputs, removed before the first write
         self.data_config, self.names, self.method, self.overlays = data_config, names, method, overlays
         self.maps, self.classes, self.probs, self.targets, self.student_maps = [], [], [], [], []
         self.shown: list[tuple] = []
-        self.pool, self.pending = None, []
-
-    def _overlay(self, image: np.ndarray, rollout_map: np.ndarray, path: Path, title: str) -> None:
-        """Queue one overlay PNG for the writer threads."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from .viz import overlay_renderer
-
-        if self.pool is None:
-            self.renderer = overlay_renderer(image.shape[:2])  # its frame drawn here, once
-            self.pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="rollout-overlay")
-        self.pending.append(self.pool.submit(self.renderer.save, image, rollout_map, path, title))
-        self.result.overlays.append(path)
-
-    def _collect(self, wait: bool = False) -> None:
-        """Count the written overlays on the bar (one step per file) and raise a writer's error; ``wait``: all
-        of them, else those done (first waiting for the oldest beyond MAX_PENDING)."""
-        from concurrent.futures import as_completed
-        from concurrent.futures import wait as wait_for
-
-        if wait:
-            done = as_completed(list(self.pending))  # the bar advances as each is written
-        else:
-            wait_for(self.pending[:max(0, len(self.pending) - self.MAX_PENDING)])
-            done = [f for f in self.pending if f.done()]
-        for f in done:
-            self.pending.remove(f)
-            f.result()  # a writer's exception, raised here
-            if self.bar is not None:
-                self.bar.update(1)
+        self.queue = OverlayQueue(bar)
 
     def close(self) -> None:
         """Cancel the queued overlays and wait for those being written (no thread writes after the job)."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        self.queue.close()
 
     def _label(self, c: int) -> str:
-        return self.names[c] if self.names else str(c)
+        return label_of(self.names, c)
 
     def add(self, x: torch.Tensor, files: Sequence, maps: torch.Tensor, logits: torch.Tensor,
             target: int | None, student_maps: torch.Tensor | None) -> None:
@@ -201,22 +161,23 @@ class _RolloutWriter:
         maps_np = maps.cpu().numpy()
         if student_maps is not None:
             self.student_maps.append(student_maps.float().cpu().numpy())
-        imgs = denormalize(x, self.data_config["mean"], self.data_config["std"])
+        first = len(self.result.files)
+        drawn = len(files) if self.overlays == "all" else max(0, min(len(files), 16 - first))
+        imgs = denormalize(x[:drawn], self.data_config["mean"], self.data_config["std"]) if drawn else None
         for i, f in enumerate(files):
-            idx = len(self.result.files)
-            label = self._label(int(c[i]))
-            if self.method == "grad":
-                label += f"; grad for {self._label(int(t[i]))}"
-            if self.overlays:
-                self._overlay(imgs[i], maps_np[i], self.result.out / "overlays" / f"{idx:05d}_{Path(f).stem}.png",
-                              f"{Path(f).name}: {label} ({float(p[i]):.2f})")
-            if len(self.shown) < 16:
-                self.shown.append((imgs[i], maps_np[i], f"{Path(f).name}: {label}"))
+            idx = first + i
+            if i < drawn:
+                label = caption(self.names, self.method, int(c[i]), int(t[i]))
+                if self.overlays != "none":
+                    path = self.result.out / "overlays" / f"{idx:05d}_{Path(f).stem}.png"
+                    title = f"{Path(f).name}: {label} ({float(p[i]):.2f})"
+                    self.result.overlays.append(self.queue.submit(imgs[i], maps_np[i], path, title))
+                if len(self.shown) < 16:
+                    self.shown.append((imgs[i], maps_np[i], f"{Path(f).name}: {label}"))
             self.result.files.append(str(f))
-        if self.overlays:
-            self._collect()
-        elif self.bar is not None:
-            self.bar.update(len(files))
+        if self.bar is not None:
+            self.bar.update(len(files) - (drawn if self.overlays != "none" else 0))
+        self.queue.collect()
         self.maps.append(maps_np)
         self.classes.append(c.cpu().numpy())
         self.probs.append(p.cpu().numpy())
@@ -226,7 +187,7 @@ class _RolloutWriter:
         from .viz import save_grid
 
         result = self.result
-        self._collect(wait=True)
+        self.queue.collect(wait=True)
         self.close()
         if self.bar is not None:
             self.bar.set_description("rollout: rollout.npz, grid.png")
@@ -250,24 +211,43 @@ class _RolloutWriter:
         return result
 
 
+def overlay_mode(overlays: bool | str) -> str:
+    """``overlays`` as one of :data:`OVERLAY_MODES` (True: 'all', False: 'none').
+
+    Raises:
+        ValueError: another value.
+    """
+    if overlays is True or overlays is False:
+        return "all" if overlays else "none"
+    if overlays not in OVERLAY_MODES:
+        raise ValueError(f"overlays: expected one of {OVERLAY_MODES}, got {overlays!r}")
+    return overlays
+
+
 def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, model: torch.nn.Module,
                    data_config: dict, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
-                   overlays: bool = True, method: str = "attention", target: int | None = None,
-                   student: torch.nn.Module | None = None, overwrite: bool = False) -> RolloutJobResult:
+                   overlays: bool | str = True, method: str = "attention", target: int | None = None,
+                   student: torch.nn.Module | None = None, overwrite: bool = False, workers: int = 0,
+                   precision: str = "fp32") -> RolloutJobResult:
     """Attention rollout over image files; write overlays, ``rollout.npz`` and ``grid.png`` to ``out``.
 
     Each file is read with :func:`rollout_fast.data.load_image` (any size and mode, EXIF orientation
     applied, 16-bit and other high bit depths scaled to 8 bits, converted to RGB) and passed through timm's eval
-    transform for ``data_config`` (``timm.data.create_transform``). Unreadable files are skipped with a
-    warning naming them.
+    transform for ``data_config`` (``timm.data.create_transform``), in ``workers`` DataLoader processes (0: in
+    this one; :mod:`rollout_fast.pipeline`). Unreadable files are skipped with a warning naming them. Batches
+    are fixed runs of ``batch_size`` files (fewer where some cannot be read), so the maps do not depend on
+    ``workers``.
 
     ``method``: 'attention' (attention rollout, ``head_fusion``) or 'grad' (class-specific gradient
     rollout, REFERENCE.md section 2, for class ``target``; default each image's predicted class).
+    ``precision``: 'fp32', 'bf16' or 'fp16' (:func:`rollout_fast.pipeline.precision_setup`: autocast on CUDA,
+    a bf16 copy of the model on the CPU; fp16 needs CUDA).
     ``student``: a :class:`rollout_fast.students.RolloutStudent` of this teacher; its predicted maps (from
     the same input batch) are saved as ``student_maps`` and drawn beside the rollout in ``grid.png``. Its
     grid and input size are checked against the explainer's maps and input on the first batch, before
     anything is written.
+    ``overlays``: 'all' (True, default), 'sample' (the first 16 images) or 'none' (False).
 
     ``out`` is checked before any image is read: it must be writable and hold no earlier run
     (:data:`ROLLOUT_OUTPUTS`) unless ``overwrite``; then the earlier run's files are removed before the first
@@ -285,8 +265,8 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
 
     Raises:
         ValueError: ``batch_size`` < 1, unknown ``method``, ``target`` given without method 'grad' or
-            outside the model's classes, a student of another grid or input size, or no file could be read
-            (nothing is written then).
+            outside the model's classes, a bad ``overlays``, ``workers`` or ``precision`` (fp16 off CUDA), a
+            student of another grid or input size, or no file could be read (nothing is written then).
         TypeError: ``target`` not an int.
         FileExistsError: ``out`` holds an earlier run and ``overwrite`` is False.
         NotADirectoryError / PermissionError: ``out`` is a file, or cannot be written.
@@ -294,35 +274,48 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     from timm.data import create_transform
 
     from .checkpoint import check_output_dir
+    from .pipeline import explain_batch, image_batches, plan_batches, precision_setup
 
-    _check_request(batch_size, method, target, model)
-    earlier = check_output_dir(out, ROLLOUT_OUTPUTS, overwrite=overwrite)
+    check_request(batch_size, method, target, model)
+    overlays = overlay_mode(overlays)
     device = torch.device(device)
-    explainer = AttentionRollout(model, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    run_model, autocast, input_dtype = precision_setup(model, device, precision)
+    earlier = check_output_dir(out, ROLLOUT_OUTPUTS, overwrite=overwrite)
+    explainer = AttentionRollout(run_model, head_fusion=head_fusion, discard_ratio=discard_ratio)
     if student is not None:
         student = student.to(device).eval()
     bar = _progress_bar(len(files) + 1, progress)
     writer = _RolloutWriter(Path(out), data_config, class_names_of(model), method, overlays, earlier, bar)
+    batches = image_batches(files, create_transform(**data_config), plan_batches(len(files), batch_size),
+                            device=device, workers=workers)
     try:
-        for x, batch_files in _batches(files, create_transform(**data_config), batch_size, writer.result.skipped,
-                                       bar):
-            x = x.to(device)
-            maps, logits = explainer.explain_grad(x, target) if method == "grad" else explainer.explain(x)
-            student_maps = None
-            if student is not None:
-                if not writer.result.files:  # the explainer's grid and input, once
-                    from .students import check_student_grid
-
-                    check_student_grid(student, tuple(maps.shape[-2:]), tuple(x.shape[-2:]))
-                with torch.no_grad():
-                    student_maps = student.maps(x)
-            writer.add(x, batch_files, maps, logits, target, student_maps)
+        for batch in batches:
+            writer.result.skipped += [(str(files[i]), why) for i, why in batch.skipped]
+            bar.update(len(batch.skipped))
+            if batch.images is not None:
+                maps, logits = explain_batch(explainer, batch.images, method, target, autocast, input_dtype)
+                writer.add(batch.images, [files[i] for i in batch.index], maps, logits, target,
+                           _student_maps(student, batch.images, maps, first=not writer.result.files))
         if not writer.result.files:
             raise ValueError(f"images: none of the {len(files)} inputs could be read")
         return writer.finish()
     finally:
+        batches.close()
         writer.close()
         bar.close()
+
+
+def _student_maps(student, x: torch.Tensor, maps: torch.Tensor, first: bool) -> torch.Tensor | None:
+    """The student's maps of ``x`` (float32 input), or None without a student; ``first``: check its grid and input
+    size against the explainer's ``maps`` and ``x`` first."""
+    if student is None:
+        return None
+    if first:
+        from .students import check_student_grid
+
+        check_student_grid(student, tuple(maps.shape[-2:]), tuple(x.shape[-2:]))
+    with torch.no_grad():
+        return student.maps(x.float())
 
 
 def evaluate_folder(model: torch.nn.Module, data_config: dict, root: str | os.PathLike, *,

@@ -1,11 +1,15 @@
-"""``rollout-fast rollout``: attention rollout maps, overlays and a grid for image files."""
+"""``rollout-fast rollout``: attention rollout maps, overlays and a grid for image files; ``--shards`` for big
+runs (resumable, and across processes under ``torchrun --nproc-per-node G -m rollout_fast.cli rollout ...``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .common import add_model_args, device, load_model
+
+PROG = "rollout-fast rollout"
 
 
 def register(subparsers) -> None:
@@ -22,25 +26,80 @@ def register(subparsers) -> None:
     r.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1)")
     r.add_argument("--student", nargs="?", const="auto", default=None, metavar="NAME_OR_PATH",
                    help="also draw a student's predicted map (default: the shipped student of --model)")
-    r.add_argument("--no-overlays", action="store_true", help="write only rollout.npz and grid.png")
+    r.add_argument("--overlays", choices=["none", "sample", "all"], default=None,
+                   help="overlay PNGs: every image (default; with --shards: sample), the first 16, or none")
+    r.add_argument("--no-overlays", action="store_true", help="the same as --overlays none")
+    r.add_argument("--workers", type=int, default=0,
+                   help="DataLoader processes decoding and transforming the images (default 0: in this one)")
+    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="forward pass: autocast on CUDA; on the CPU bf16 runs a bf16 copy of the model, fp16 "
+                        "is refused")
+    g = r.add_argument_group("big runs", "maps in shards (see rollout_fast.shards; torchrun spreads them over "
+                                         "processes)")
+    g.add_argument("--shards", action="store_true",
+                   help="write OUT/shards/*.npy (+ an index each), manifest.json and index.npz instead of "
+                        "rollout.npz")
+    g.add_argument("--shard-size", type=int, default=None, metavar="N", help="images per shard (default 4096)")
+    g.add_argument("--dtype", choices=["float16", "float32"], default=None, help="shard maps (default float16)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the shards in --out (refused if they were made with another model or settings)")
     r.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run in --out (its rollout.npz, grid.png and overlays are removed)")
+                   help="replace an earlier run in --out (its rollout.npz or shards, grid.png and overlays are "
+                        "removed)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=run)
 
 
+def _usage(args) -> str | None:
+    """The first misuse of the options, as a one-line message, or None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.target is not None and args.method != "grad":
+        return "--target CLASS is used only with --method grad"
+    if args.no_overlays and args.overlays not in (None, "none"):
+        return f"--no-overlays contradicts --overlays {args.overlays}"
+    if args.workers < 0:
+        return f"--workers: expected an int >= 0, got {args.workers}"
+    if not args.shards:
+        given = [o for o, v in (("--shard-size", args.shard_size), ("--dtype", args.dtype),
+                                ("--resume", args.resume or None)) if v is not None]
+        if given:
+            return f"{', '.join(given)}: used only with --shards"
+        if world > 1:
+            return f"{world} processes (torchrun) write shards: pass --shards"
+        return None
+    if args.student is not None:
+        return "--student is not used with --shards (the shards hold the teacher's maps)"
+    if args.shard_size is not None and args.shard_size < 1:
+        return f"--shard-size: expected an int >= 1, got {args.shard_size}"
+    if args.resume and args.overwrite:
+        return "--resume, --overwrite: pass one of them (--resume continues the shards, --overwrite replaces them)"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import check_output_dir
-    from ..jobs import ROLLOUT_OUTPUTS, collect_images, rollout_images
+    from ..jobs import ROLLOUT_OUTPUTS, collect_images
 
-    if args.target is not None and args.method != "grad":
-        print("rollout-fast rollout: --target CLASS is used only with --method grad", file=sys.stderr)
+    why = _usage(args)
+    if why:
+        print(f"{PROG}: {why}", file=sys.stderr)
         return 2
     files = collect_images(args.inputs)
-    check_output_dir(args.out, ROLLOUT_OUTPUTS, overwrite=args.overwrite, hint="--overwrite")
+    if not args.resume:  # before the model is loaded (--resume: the shards are checked against the model)
+        check_output_dir(args.out, ROLLOUT_OUTPUTS, overwrite=args.overwrite,
+                         hint="--resume to continue its shards, or --overwrite" if args.shards else "--overwrite")
     if not files:
-        print("rollout-fast rollout: no image files found in the inputs", file=sys.stderr)
+        print(f"{PROG}: no image files found in the inputs", file=sys.stderr)
         return 1
+    overlays = "none" if args.no_overlays else args.overlays
+    dev = device(args.device)
+    if args.precision == "fp16" and dev != "cuda":  # before the model is loaded
+        print(f"{PROG}: --precision fp16 needs a CUDA device (here {dev}); use bf16 or fp32", file=sys.stderr)
+        return 2
+    if args.shards:
+        return _run_shards(args, files, overlays or "sample", dev)
+    from ..jobs import rollout_images
+
     model, data_config = load_model(args)
     try:
         student = None
@@ -49,14 +108,42 @@ def run(args: argparse.Namespace) -> int:
 
             student, _ = load_student(args.model if args.student == "auto" else args.student)
         res = rollout_images(files, args.out, model, data_config, head_fusion=args.head_fusion,
-                             discard_ratio=args.discard_ratio, batch_size=args.batch_size,
-                             device=device(args.device), progress=not args.no_progress,
-                             overlays=not args.no_overlays, method=args.method, target=args.target,
-                             student=student, overwrite=args.overwrite)
+                             discard_ratio=args.discard_ratio, batch_size=args.batch_size, device=dev,
+                             progress=not args.no_progress, overlays=overlays or "all", method=args.method,
+                             target=args.target, student=student, overwrite=args.overwrite, workers=args.workers,
+                             precision=args.precision)
     except (ValueError, FileNotFoundError) as e:
-        print(f"rollout-fast rollout: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     _report(res, args.method)
+    return 0
+
+
+def _run_shards(args, files, overlays: str, dev: str) -> int:
+    """``--shards``: one process, or one of torchrun's (cuda:LOCAL_RANK on CUDA; gloo on the CPU, NCCL on CUDA).
+    Exit status 1 when no file could be read (the shards and index list them all as skipped)."""
+    from ..distill.ddp import setup_distributed, shutdown_distributed
+    from ..shard_job import rollout_shards
+    from ..zoo import load_teacher
+
+    env = setup_distributed(dev)
+    try:
+        model, data_config = load_teacher(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                          device=env.device)
+        res = rollout_shards(files, args.out, model, data_config, model_name=args.model,
+                             checkpoint=args.checkpoint, head_fusion=args.head_fusion,
+                             discard_ratio=args.discard_ratio, method=args.method, target=args.target,
+                             batch_size=args.batch_size, precision=args.precision, workers=args.workers,
+                             shard_size=args.shard_size or 4096, dtype=args.dtype or "float16", overlays=overlays,
+                             resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, env=env)
+    finally:
+        shutdown_distributed()
+    if env.rank != 0:
+        return 0
+    _report_shards(res, args.method)
+    if not res.files:
+        print(f"{PROG}: images: none of the {res.num_files} inputs could be read", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -67,7 +154,24 @@ def _report(res, method: str) -> None:
     print(f"  grid:     {res.grid}")
     if res.overlays:
         print(f"  overlays: {res.out / 'overlays'}/ ({len(res.overlays)} PNG)")
-    if res.skipped:
-        print(f"skipped {len(res.skipped)} unreadable file(s):")
-        for f, why in res.skipped:
+    _report_skipped(res.skipped)
+
+
+def _report_shards(res, method: str) -> None:
+    what = "gradient rollout" if method == "grad" else "rollout"
+    resumed = f", {len(res.resumed)} finished before (resumed)" if res.resumed else ""
+    print(f"{what} of {len(res.files)} image(s) in {res.num_shards} shard(s){resumed} written to {res.out}/")
+    print(f"  maps:     {res.out / 'shards'}/ (read with rollout_fast.shards.open_maps({str(res.out)!r}))")
+    print(f"  index:    {res.index}")
+    if res.grid:
+        print(f"  grid:     {res.grid}")
+    if (res.out / "overlays").is_dir():
+        print(f"  overlays: {res.out / 'overlays'}/")
+    _report_skipped(res.skipped)
+
+
+def _report_skipped(skipped) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s):")
+        for f, why in skipped:
             print(f"  {f}: {why}")
