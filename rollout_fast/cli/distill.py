@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--cache-targets", action="store_true",
                    help="precompute teacher maps for --views augmented copies once and reuse them")
+    p.add_argument("--targets-from", default=None, metavar="SHARD_DIR",
+                   help="with --cache-targets: read the unaugmented view's teacher maps from the shards of "
+                        "'rollout-fast rollout DATA/train --shards' with this teacher and settings")
     p.add_argument("--views", type=int, default=d.views)
     p.add_argument("--max-shift", type=int, default=d.max_shift, help="augmentation: max translation (px)")
     p.add_argument("--no-flip", action="store_true", help="augmentation: no horizontal flips")
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         metrics = _distill.distill(args.data, args.out, cfg, device=args.device, resume=args.resume,
-                                   cache_dir=args.cache_dir, progress=not args.no_progress)
+                                   cache_dir=args.cache_dir, progress=not args.no_progress,
+                                   targets_from=args.targets_from)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"rollout-fast distill: {e}", file=sys.stderr)
         return 1

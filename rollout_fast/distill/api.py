@@ -12,7 +12,7 @@ from ..checkpoint import check_writable_dir, load_training_state, write_json
 from ..students import check_student_grid, create_student, save_student
 from ..training import seed_everything
 from .config import DistillConfig
-from .data import fingerprint, identity_params, load_split_tensor, placement_params, view_params
+from .data import fingerprint, identity_params, load_split_tensor, placement_params, split_files, view_params
 from .ddp import DistEnv, setup_distributed
 from .loop import TrainingRun, train
 from .report import TestSet, final_metrics, student_card
@@ -23,7 +23,7 @@ __all__ = ["distill"]
 
 def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConfig | None = None, *,
             device: str | None = None, resume: bool = False, cache_dir: str | os.PathLike | None = None,
-            command: str | None = None, progress: bool = True) -> dict:
+            command: str | None = None, progress: bool = True, targets_from: str | Path | None = None) -> dict:
     """Train a student to predict the teacher's rollout; write checkpoints, logs, weights, card, metrics.
 
     Args:
@@ -38,6 +38,8 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
             between runs with the same data and teacher to compute teacher maps once.
         command: the command recorded in the card (default ``sys.argv``).
         progress: tqdm bars, and a line per epoch through the ``rollout_fast.distill`` logger (INFO).
+        targets_from: shards of ``rollout-fast rollout --shards`` over the training images, this teacher and these
+            settings: the unaugmented cached targets are read from them (:class:`.targets.ShardTargets`).
 
     Returns:
         The metrics dict written to ``metrics.json`` (on every rank; only rank 0 evaluates, others
@@ -51,7 +53,7 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
             (checked before any compute).
         ValueError: bad config field (named), empty data folder, corrupt checkpoint or one written
             with another config, a batch size not divisible by the number of processes, a student whose
-            output grid differs from the teacher's.
+            output grid differs from the teacher's; bad ``targets_from`` (see :class:`.targets.ShardTargets`).
     """
     from ..data import resolve_split
 
@@ -68,19 +70,19 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     check_writable_dir(out, "out")  # before any compute
     check_writable_dir(cache, "cache_dir")
-    targets = TeacherTargets(cfg, env, cache, progress)
+    targets = TeacherTargets(cfg, env, cache, progress, shards=targets_from)
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         cache.mkdir(parents=True, exist_ok=True)
     env.barrier()
 
-    train_x, train_key, test = _data(cfg, env, targets, train_root, test_root, progress)
+    train_x, train_key, test, train_files = _data(cfg, env, targets, train_root, test_root, progress)
     train_views = []
     if cfg.cache_targets:
         for v in range(cfg.views):
             pv = view_params(cfg.seed, v, len(train_x), cfg.max_shift, cfg.flip)
             name = fingerprint(targets.key, train_key, "view", v, cfg.seed, cfg.max_shift, cfg.flip)
-            train_views.append((pv, targets.cached(name, train_x, pv, f"teacher maps (train view {v})")))
+            train_views.append((pv, targets.cached(name, train_x, pv, f"teacher maps (train view {v})", train_files)))
     if test.maps.shape[1:] != targets.grid:
         raise ValueError(f"teacher: maps of grid {tuple(test.maps.shape[1:])}, expected {targets.grid}")
     nval = min(cfg.val_images or len(test.images), len(test.images))
@@ -118,9 +120,10 @@ def _checkpoint_state(out: Path, cfg: DistillConfig, resume: bool) -> dict | Non
 
 
 def _data(cfg: DistillConfig, env: DistEnv, targets: TeacherTargets, train_root, test_root, progress: bool
-          ) -> tuple[torch.Tensor, str, TestSet]:
-    """Training images (a seeded subset with ``train_images``) and their cache key, and the test set with
-    the teacher's maps (cached). Rank 0 decodes and caches first so the others just load."""
+          ) -> tuple[torch.Tensor, str, TestSet, list[str] | None]:
+    """Training images (a seeded subset with ``train_images``) and their cache key, the test set with
+    the teacher's maps (cached), and with shard targets the training images' files. Rank 0 decodes and
+    caches first so the others just load."""
     cache, size = targets.cache, targets.input_size
 
     def split(root):
@@ -133,10 +136,12 @@ def _data(cfg: DistillConfig, env: DistEnv, targets: TeacherTargets, train_root,
 
     train_x, _, train_key = split(train_root)
     test_x, _, test_key = split(test_root)
+    train_files = split_files(train_root) if targets.shards is not None else None
     if cfg.train_images is not None and cfg.train_images < len(train_x):
         sel = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_images]
         train_x = train_x[sel.sort().values]
         train_key = fingerprint(train_key, cfg.train_images, cfg.seed)
+        train_files = [train_files[i] for i in sel.sort().values.tolist()] if train_files is not None else None
     if len(train_x) < cfg.batch_size:
         raise ValueError(f"batch_size: {cfg.batch_size} exceeds the {len(train_x)} training images")
     shift = cfg.placement_shift or max(1, size[0] // 4)
@@ -144,4 +149,4 @@ def _data(cfg: DistillConfig, env: DistEnv, targets: TeacherTargets, train_root,
     maps = targets.cached(fingerprint(targets.key, test_key, "centred"), test_x, test_id, "teacher maps (test)")
     maps_sh = targets.cached(fingerprint(targets.key, test_key, "shifted", shift, cfg.seed), test_x, test_sh,
                              "teacher maps (test, shifted)")
-    return train_x, train_key, TestSet(test_x, maps, test_id, maps_sh, test_sh, shift)
+    return train_x, train_key, TestSet(test_x, maps, test_id, maps_sh, test_sh, shift), train_files

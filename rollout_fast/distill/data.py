@@ -14,7 +14,7 @@ from ..checkpoint import atomic_write
 from ..metrics import shift_images
 
 __all__ = ["Normalizer", "files_fingerprint", "fingerprint", "identity_params", "load_cache", "load_split_tensor",
-           "placement_params", "view_params"]
+           "placement_params", "split_files", "view_params"]
 
 CACHE_VERSION = 2  # bumped when what a cache file holds or how it is keyed changes
 
@@ -104,6 +104,18 @@ def load_split_tensor(root: str | os.PathLike, size: tuple[int, int], cache_dir:
     if path is not None:
         atomic_write(path, lambda tmp: torch.save({"images": images, "labels": labels}, tmp))
     return images, labels, key
+
+
+def split_files(root: str | os.PathLike) -> list[str]:
+    """The image files of an ImageFolder split in the order of :func:`load_split_tensor`'s images (paths as
+    ``root`` was given: joined to it).
+
+    Raises:
+        FileNotFoundError: missing folder. ValueError: a folder with no class folders or images.
+    """
+    from ..data import image_folder
+
+    return [str(path) for path, _ in image_folder(root).samples]
 
 
 def view_params(seed: int, view: int, n: int, max_shift: int, flip: bool
