@@ -52,12 +52,15 @@ class CaptureResult(tuple):
     ``layer_paths``: the path of each block ('fused-triton' | 'fused-chunked' | 'qk-hooks', or 'attn-drop'
     for a block running timm's explicit attention, read at ``attn_drop``, 'eager-softmax' for Hugging Face's
     eager attention, read at its softmax); ``path``: the one path that ran,
-    or e.g. 'fused-chunked+attn-drop' when blocks differed.
+    or e.g. 'fused-chunked+attn-drop' when blocks differed; ``source_dtypes``: the dtypes of the q, k (or
+    probabilities) the attention was computed from (``{torch.float32}`` for a float32 model without autocast;
+    reduced precision means rows sum to 1 only within that dtype's rounding).
     """
 
-    def __new__(cls, output, attention: torch.Tensor, layer_paths: Sequence[str]):
+    def __new__(cls, output, attention: torch.Tensor, layer_paths: Sequence[str], source_dtypes=()):
         self = super().__new__(cls, (output, attention))
         self.layer_paths = tuple(layer_paths)
+        self.source_dtypes = frozenset(source_dtypes)
         return self
 
     @property
@@ -115,22 +118,23 @@ def capture_attention(model: nn.Module, images: torch.Tensor, *, head_fusion: st
     captured: list[torch.Tensor | None] = [None] * len(mods)
     paths: list[str | None] = [None] * len(mods)
     buffer: list[torch.Tensor] = []  # (L, B, 1, N, N): each layer's fused matrix is written in place
-    tap = _capture_tap(mods, path, head_fusion, chunk_bytes, captured, paths, buffer, spec.probs_at)
+    dtypes: set = set()
+    tap = _capture_tap(mods, path, head_fusion, chunk_bytes, captured, paths, buffer, spec.probs_at, dtypes)
     with model_lock(mods), torch.no_grad(), eval_mode(model), tap:
         output = forward(model, images) if forward is not None else model(images)
     check_complete(tap, captured, "attention neither called SDPA (or nn.MultiheadAttention) in a way that can "
                                   "be reproduced nor ran an explicit softmax the capture reads")
     if buffer and all(c.data_ptr() == buffer[0][i].data_ptr() for i, c in enumerate(captured)):
-        return CaptureResult(output, buffer[0], paths)  # type: ignore[arg-type]
-    return CaptureResult(output, torch.stack(captured), paths)  # type: ignore[arg-type]
+        return CaptureResult(output, buffer[0], paths, dtypes)  # type: ignore[arg-type]
+    return CaptureResult(output, torch.stack(captured), paths, dtypes)  # type: ignore[arg-type]
 
 
 def _capture_tap(mods, path: str, head_fusion, chunk_bytes: int, captured: list, paths: list, buffer: list,
-                 probs_at: str = "attn_drop") -> Tap:
+                 probs_at: str = "attn_drop", dtypes: set | None = None) -> Tap:
     """The hooks of :func:`capture_attention`: each block's attention into ``captured`` (head-fused into one
     (L, B, 1, N, N) ``buffer`` where shapes allow) and its path into ``paths``. An SDPA call is answered by the
     fused op (``path`` 'fused-*'), or runs while its attention is rebuilt from the same q, k, mask and scale
-    ('qk-hooks'); timm's explicit path is read at ``attn_drop`` ('attn-drop'), Hugging Face's eager attention
+    ('qk-hooks'); the dtype each was computed from goes into ``dtypes``; timm's explicit path is read at ``attn_drop`` ('attn-drop'), Hugging Face's eager attention
     at its softmax ('eager-softmax')."""
     explicit = "attn-drop" if probs_at == "attn_drop" else "eager-softmax"
     def slot(idx, q, k):
@@ -150,6 +154,8 @@ def _capture_tap(mods, path: str, head_fusion, chunk_bytes: int, captured: list,
             tap.unsupported[idx] = call
             return None
         q, k, v, mask, scale = call
+        if dtypes is not None:
+            dtypes.add(q.dtype)
         if path != "qk-hooks" and q.dtype in _FUSED_DTYPES and q.dtype == k.dtype == v.dtype:
             res, fused = attention_ops.fused_attention(q, k, v, scale=scale, head_fusion=head_fusion,
                                                        impl=path[len("fused-"):], chunk_bytes=chunk_bytes,
@@ -166,6 +172,8 @@ def _capture_tap(mods, path: str, head_fusion, chunk_bytes: int, captured: list,
         if why is not None:
             tap.unsupported[idx] = why
             return
+        if dtypes is not None:
+            dtypes.add(probs.dtype)
         p = probs.detach().float()
         if head_fusion is None:
             take(idx, p.clone(), explicit)

@@ -227,3 +227,17 @@ def test_informative_grad_rollout_does_not_warn():
         warnings.simplefilter("error")
         maps = AttentionRollout(model).grad_rollout(torch.randn(2, 3, 32, 32))
     assert maps.std() > 0.01
+
+
+def test_reduced_precision_capture_is_not_held_to_float32_row_sums():
+    """bf16 autocast: the captured rows sum to 1 only within bf16 rounding; the capture says what it was
+    computed from and AttentionRollout does not apply the float32 row check to it (issue 19's GPU precision)."""
+    model, size, P, grid = build("vit")
+    images = _images(size, B=4)
+    assert capture_attention(model, images).source_dtypes == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = capture_attention(model, images)
+        maps = AttentionRollout(model)(images)
+    assert res.source_dtypes == {torch.bfloat16}
+    want = reference.attention_rollout(res.attention, num_prefix_tokens=P, grid=grid, check_rows=False)
+    torch.testing.assert_close(maps, want, rtol=0, atol=1e-6)
