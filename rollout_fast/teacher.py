@@ -114,14 +114,18 @@ RECIPES: dict[str, TeacherConfig] = {
         data_source="Imagenette v2 (fastai; 10 ImageNet classes, 160 px) from thunderInfy/imagenette"),
 }
 # Learn to Pay Attention (Jetley et al. 2018): the paper's recipe shape (SGD 0.1, momentum 0.9, weight decay
-# 5e-4, step decay; crop + flip) at a CPU budget: 30 epochs, x0.1 at epochs 15 and 25, half-width trunk.
-LTPA_ARCH = {"type": "attnvgg", "img_size": 32, "num_classes": 10, "variant": "pc-softmax-after", "width": 0.5}
+# 5e-4, step decay; crop + flip) at a CPU budget. The paper's trunk keeps blocks 1-3 at full resolution
+# (3.8 GMAC per 32 px image at width 1; fwd + bwd about 7 ms per image at width 0.25 on one core of this
+# machine): CIFAR-10 at width 0.25 for 15 epochs (x0.1 at epochs 8 and 12), about 1.5 CPU-hours per variant;
+# Imagenette at 112 px (12x the pixels) at width 0.125.
+LTPA_ARCH = {"type": "attnvgg", "img_size": 32, "num_classes": 10, "variant": "pc-softmax-after", "width": 0.25}
 RECIPES["cifar10-ltpa"] = TeacherConfig(
-    name="cifar10-ltpa", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0,
+    name="cifar10-ltpa", epochs=15, batch_size=128, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0,
     label_smoothing=0.0, workers=1, arch=dict(LTPA_ARCH), optimizer="sgd", schedule="step",
-    step_epochs=(15, 25), step_gamma=0.1)
+    step_epochs=(8, 12), step_gamma=0.1)
 RECIPES["imagenette-ltpa"] = replace(
-    RECIPES["cifar10-ltpa"], name="imagenette-ltpa", batch_size=64, arch=dict(LTPA_ARCH, img_size=112),
+    RECIPES["cifar10-ltpa"], name="imagenette-ltpa", batch_size=64,
+    arch=dict(LTPA_ARCH, img_size=112, width=0.125),
     augment="rrc", rrc_scale=(0.35, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
     eval_split="val", class_names=None, data_source=RECIPES["imagenette-vit"].data_source)
 
@@ -256,6 +260,8 @@ def _build_model(cfg: TeacherConfig, dev: torch.device) -> nn.Module:
     from .models import create_model
 
     model = create_model(cfg.arch).to(dev)
+    if cfg.arch.get("type") == "attnvgg":  # convolutions run about 20% faster channels-last (oneDNN, CPU)
+        model = model.to(memory_format=torch.channels_last)
     if cfg.init_from is not None:
         from .checkpoint import load_weights
 
