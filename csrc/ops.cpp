@@ -5,8 +5,9 @@
 // TORCH_LIBRARY_IMPL in cpu/ (always) and cuda/ (when built with CUDA):
 //
 //   rollout(attentions (L, B, H, N, N), head_fusion, discard_ratio, num_prefix_tokens, protect_prefix,
-//           readout, normalize) -> (B, N - P) float32 maps ('cls' | 'mean'), (B, N, N) ('full')
-//                                                                  cpu/rollout_cpu.cpp, cuda/rollout_cuda.cpp
+//           readout, normalize, row_tolerance=None) -> (B, N - P) float32 maps ('cls' | 'mean'), (B, N, N)
+//           ('full'); row_tolerance: check |sum_j A[l, b, h, i, j] - 1| <= it for every row during the read
+//           (CPU only; None: no row check)                         cpu/rollout_cpu.cpp, cuda/rollout_cuda.cpp
 //   fused_layers(attentions, head_fusion, discard_ratio, protect_first) -> (L, B, N, N) float32 M_l
 //                                                                  cpu/rollout_cpu.cpp, cuda/rollout_cuda.cpp
 //   topk_gather(tokens (B, N, D), scores (B, G) float32, k, num_prefix_tokens)
@@ -33,7 +34,7 @@ const char* cpu_isa();  // cpu/rollout_cpu.cpp
 TORCH_LIBRARY(rollout_fast, m) {
   m.set_python_module("rollout_fast.ops.meta");  // holds the fake (meta) kernels and autograd formulas
   m.def("rollout(Tensor attentions, str head_fusion, float discard_ratio, int num_prefix_tokens, "
-        "bool protect_prefix, str readout, str? normalize) -> Tensor");
+        "bool protect_prefix, str readout, str? normalize, float? row_tolerance=None) -> Tensor");
   m.def("fused_layers(Tensor attentions, str head_fusion, float discard_ratio, bool protect_first) "
         "-> Tensor");
   m.def("topk_gather(Tensor tokens, Tensor scores, int k, int num_prefix_tokens) -> (Tensor, Tensor)");

@@ -45,7 +45,9 @@ RF_HD float fusion_finish(int fusion, float acc, int64_t heads) {
 // The input contract on attention values (rollout_fast/reference/rollout_args.py): finite and >= 0
 // (then rowsum(F + I) >= 1 and the row normalisation is well defined). A kernel ORs value_status over
 // every value it reads and raises when the result is not kValuesOk, so the check rides on the one read.
-enum ValueStatus : int { kValuesOk = 0, kValueNonFinite = 1, kValueNegative = 2 };
+// The CPU kernel also checks that every row of every head sums to 1 (kValueRowSum, row_sum_status) when
+// the op passes a row tolerance.
+enum ValueStatus : int { kValuesOk = 0, kValueNonFinite = 1, kValueNegative = 2, kValueRowSum = 4 };
 
 // kValueNonFinite for NaN and +-inf (also for a float64 input beyond the float32 range, which the
 // float32 computation could not represent); kValueNegative for x < 0 (-inf too; -0.0 is not negative).
@@ -53,6 +55,9 @@ RF_HD int value_status(float x) {
   return (fabsf(x) <= 3.40282346638528859812e+38f ? kValuesOk : kValueNonFinite) |
          (x < 0.0f ? kValueNegative : kValuesOk);
 }
+
+// kValueRowSum when a row's sum is off 1 by more than tol (or is NaN).
+RF_HD int row_sum_status(float sum, float tol) { return fabsf(sum - 1.0f) <= tol ? kValuesOk : kValueRowSum; }
 
 // ------------------------------------------------------------------------------- discard
 // k = floor(r * N * N), evaluated left to right in double precision exactly like the reference's

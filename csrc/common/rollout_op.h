@@ -58,6 +58,14 @@ inline LayerShape check_attentions(const at::Tensor& att, double discard_ratio) 
   return {att.size(0), att.size(1), att.size(2), N, discard_count(discard_ratio, N)};
 }
 
+// The optional row tolerance of the rollout op: -1 (no row check) for None, else a finite value >= 0.
+inline float parse_row_tolerance(const std::optional<double>& tol) {
+  if (!tol.has_value()) return -1.0f;
+  TORCH_CHECK(std::isfinite(*tol) && *tol >= 0.0, "rollout_fast: row_tolerance must be None or a finite number "
+              ">= 0, got ", *tol);
+  return static_cast<float>(*tol);
+}
+
 inline void check_prefix(int64_t N, int64_t num_prefix, int readout) {
   TORCH_CHECK(num_prefix >= 0 && num_prefix < N,
               "rollout_fast: num_prefix_tokens must satisfy 0 <= P < N = ", N, ", got ", num_prefix);

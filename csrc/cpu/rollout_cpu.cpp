@@ -1,10 +1,14 @@
 // Fused attention rollout on the CPU: the CPU bodies of the rollout_fast custom ops (schemas in ../ops.cpp)
 //
 //   rollout_fast::rollout(attentions (L, B, H, N, N) f16|bf16|f32|f64, head_fusion, discard_ratio,
-//                         num_prefix_tokens, protect_prefix, readout, normalize)
+//                         num_prefix_tokens, protect_prefix, readout, normalize, row_tolerance=None)
 //       -> (B, N - P) float32 normalised maps for readout 'cls' | 'mean', (B, N, N) for 'full'
 //   rollout_fast::fused_layers(attentions, head_fusion, discard_ratio, protect_first)
 //       -> (L, B, N, N) float32 per-layer M_l = (discard(F_l) + I) / rowsum (steps 1-3)
+//
+// The input contract rides on the one read of the attention: NaN/inf and negative values raise (always),
+// and with a row_tolerance so does a row of a head whose float32 sum is off 1 by more than it (its pieces
+// summed right after their fusion, while in cache; rollout_fast/ops/rollout.py picks the tolerance).
 //
 // One pass per layer and sample fuses the H heads while reading the attention once (float32
 // accumulation), selects the discard threshold on the fused N*N matrix (radix select, not a sort),
@@ -47,6 +51,7 @@ struct Problem {
   int fusion;
   bool protect00;  // keep F[b, 0, 0] out of the discard
   bool avx512;     // the AVX2 build may use AVX-512 for the threshold's bracket gather
+  float row_tol;   // check |row sum - 1| <= row_tol for every row of every head; < 0: no row check
 };
 
 namespace cpu_base {
@@ -112,11 +117,13 @@ void check_value_status(int status) {
   TORCH_CHECK(!(status & kValueNonFinite), "rollout_fast: attentions contains NaN or infinite values");
   TORCH_CHECK(!(status & kValueNegative), "rollout_fast: attentions contains negative values (attention "
               "probabilities are >= 0)");
+  TORCH_CHECK(!(status & kValueRowSum), "rollout_fast: attentions contains a row that does not sum to 1 within "
+              "row_tolerance");
 }
 
-Problem make_problem(const at::Tensor& att, const LayerShape& s, int fusion, bool protect00) {
+Problem make_problem(const at::Tensor& att, const LayerShape& s, int fusion, bool protect00, float row_tol) {
   return {s.L, s.B, s.H, s.N, s.k, att.stride(0), att.stride(1), att.stride(2), att.stride(3), fusion,
-          protect00, std::string_view(cpu_isa()) == "avx512"};
+          protect00, std::string_view(cpu_isa()) == "avx512", row_tol};
 }
 
 at::Tensor inner_contiguous(const at::Tensor& att) {
@@ -128,39 +135,45 @@ void check_cpu(const at::Tensor& att) {
 }
 
 // ------------------------------------------------------------------------------ op bodies
-at::Tensor fused_layers_cpu(const at::Tensor& attentions, std::string_view head_fusion,
-                            double discard_ratio, bool protect_first) {
+at::Tensor fused_layers_impl(const at::Tensor& attentions, std::string_view head_fusion, double discard_ratio,
+                             bool protect_first, float row_tol) {
   check_cpu(attentions);
   const LayerShape s = check_attentions(attentions, discard_ratio);
   const int fusion = parse_head_fusion(head_fusion);
   const at::Tensor att = inner_contiguous(attentions);
   at::Tensor M = at::empty({s.L, s.B, s.N, s.N}, att.options().dtype(at::kFloat));
   float* m = M.data_ptr<float>();
-  const Problem p = make_problem(att, s, fusion, protect_first);
+  const Problem p = make_problem(att, s, fusion, protect_first, row_tol);
   int status = kValuesOk;
   ROLLOUT_DISPATCH(status, att, fusion, run_layers, p, m);
   check_value_status(status);
   return M;
 }
 
+at::Tensor fused_layers_cpu(const at::Tensor& attentions, std::string_view head_fusion, double discard_ratio,
+                            bool protect_first) {
+  return fused_layers_impl(attentions, head_fusion, discard_ratio, protect_first, -1.0f);
+}
+
 at::Tensor rollout_cpu(const at::Tensor& attentions, std::string_view head_fusion, double discard_ratio,
                        int64_t num_prefix_tokens, bool protect_prefix, std::string_view readout,
-                       std::optional<std::string_view> normalize) {
+                       std::optional<std::string_view> normalize, std::optional<double> row_tolerance) {
   check_cpu(attentions);
   const LayerShape s = check_attentions(attentions, discard_ratio);
   const int fusion = parse_head_fusion(head_fusion);
   const int ro = parse_readout(readout);
   const int norm = parse_normalize(normalize);
+  const float row_tol = parse_row_tolerance(row_tolerance);
   check_prefix(s.N, num_prefix_tokens, ro);
   const bool protect00 = protect_prefix && num_prefix_tokens >= 1;
   if (ro == kReadoutFull) {
-    return rollout_matrix_chain(fused_layers_cpu(attentions, head_fusion, discard_ratio, protect00));
+    return rollout_matrix_chain(fused_layers_impl(attentions, head_fusion, discard_ratio, protect00, row_tol));
   }
   const at::Tensor att = inner_contiguous(attentions);
   const int64_t G = s.N - num_prefix_tokens;
   at::Tensor out = at::empty({s.B, G}, att.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  const Problem p = make_problem(att, s, fusion, protect00);
+  const Problem p = make_problem(att, s, fusion, protect00, row_tol);
   // per-sample schedule when the batch fills the threads; otherwise parallel over rows
   const bool per_sample = s.B >= at::get_num_threads();
   int status = kValuesOk;

@@ -12,9 +12,12 @@
 //               chain reads (v[i] != 0) on the fly and add it to the row-vector chain; with contiguous
 //               rows the next matrix's heads are fused into the other scratch in slices between these
 //               steps (FuseAhead: its read overlaps this compute).
-//   layers + chain: parallel over (layer, sample, run of kFuseChunk entries) -- over rows when they are
-//               not contiguous -- into a stored (L, B, N, N) M, then the chain per sample (small batches,
-//               the 'full' readout, and the fused_layers op).
+//   layers + chain: parallel over (layer, sample, run of whole rows, ~kFuseChunk entries) -- over rows when
+//               they are not contiguous -- into a stored (L, B, N, N) M, then the chain per sample (small
+//               batches, the 'full' readout, and the fused_layers op).
+// Both return a ValueStatus (rollout_common.h): the values' checks ride on the head fusion's read, and with
+// a row tolerance (Problem::row_tol >= 0) each run's row sums are added right after its fusion
+// (add_row_sums, 8 partial sums per row) and checked when the matrix (or, in `layers`, the run) is complete.
 
 // ----------------------------------------------------------------------------- element loads
 // Loads go through the raw storage type (uint16_t for float16/bfloat16), which the vectoriser handles
@@ -71,11 +74,23 @@ inline __m256 fusion_combine8(__m256 acc, __m256 x) {
 }
 #endif
 
+// kValueNegative when some a[h * sH + j], h < H, j < n, is negative: the closer look of fuse_row_h's AVX2
+// build, whose one-instruction sign test also sees -0.0 (rare in attention, so this path is rare too).
+template <typename T>
+int negative_status(const typename Raw<T>::type* a, int64_t sH, int64_t H, int64_t n) {
+  int status = kValuesOk;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < n; ++j) status |= raw_to_float<T>(a[h * sH + j]) < 0.0f ? kValueNegative : kValuesOk;
+  return status;
+}
+
 // f[0..N) = head fusion over h of a[h * sH + j] (row i of one (layer, sample), or a whole contiguous
 // matrix), float32, heads combined in order h = 0..H-1 (every loop order below gives the same bits).
 // Returns the ValueStatus of the values read (rollout_common.h: kValuesOk, or NaN/inf and/or negative
 // values; the op then raises): the value checks ride on the one read. The AVX2 build reads the H head
-// streams side by side, the accumulator in a register, and prefetches each stream 2 KiB ahead.
+// streams side by side, the accumulator in a register, and prefetches each stream 2 KiB ahead; its sign
+// test ORs the values themselves (one instruction each), and only a set sign bit (a negative value, or
+// -0.0) sends it to negative_status for a closer look.
 template <typename T, int FUSION, int HEADS = 0>
 int fuse_row_h(const T* a_typed, int64_t sH, int64_t H_runtime, int64_t N, float* __restrict__ f) {
   using R = typename Raw<T>::type;
@@ -86,9 +101,8 @@ int fuse_row_h(const T* a_typed, int64_t sH, int64_t H_runtime, int64_t N, float
     const __m256 heads = _mm256_set1_ps(static_cast<float>(H));
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
-    const __m256 zero = _mm256_setzero_ps();
-    __m256 bad = _mm256_setzero_ps();  // lanes set where |x| > FLT_MAX or x is NaN
-    __m256 neg = _mm256_setzero_ps();  // lanes set where x < 0
+    __m256 bad = _mm256_setzero_ps();   // lanes set where |x| > FLT_MAX or x is NaN
+    __m256 signs = _mm256_setzero_ps();  // OR of the values: a sign bit set where x < 0 (or x is -0.0)
     int64_t j = 0;
     constexpr int64_t kAhead = 512 / sizeof(R) * 4;  // prefetch distance: 2 KiB of each head's stream
     for (; j + 8 <= N; j += 8) {  // one read of the H head rows, the accumulator in a register
@@ -97,18 +111,18 @@ int fuse_row_h(const T* a_typed, int64_t sH, int64_t H_runtime, int64_t N, float
       __m256 x = load8<T>(a + j);
       __m256 acc = x;
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(x, abs_mask), big, _CMP_NLE_UQ));
-      neg = _mm256_or_ps(neg, _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+      signs = _mm256_or_ps(signs, x);
       for (int64_t h = 1; h < H; ++h) {
         x = load8<T>(a + h * sH + j);
         acc = fusion_combine8<FUSION>(acc, x);
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(x, abs_mask), big, _CMP_NLE_UQ));
-        neg = _mm256_or_ps(neg, _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+        signs = _mm256_or_ps(signs, x);
       }
       if (FUSION == kFusionMean) acc = _mm256_div_ps(acc, heads);
       _mm256_storeu_ps(f + j, acc);
     }
-    int status = (_mm256_movemask_ps(bad) != 0 ? kValueNonFinite : kValuesOk) |
-                 (_mm256_movemask_ps(neg) != 0 ? kValueNegative : kValuesOk);
+    int status = _mm256_movemask_ps(bad) != 0 ? kValueNonFinite : kValuesOk;
+    if (_mm256_movemask_ps(signs) != 0) status |= negative_status<T>(a, sH, H, j);
     for (; j < N; ++j) {
       float x = raw_to_float<T>(a[j]);
       float acc = fusion_first(x);
@@ -182,6 +196,54 @@ int fuse_run(const T* a, int64_t sH, int64_t H, int64_t n, float* __restrict__ f
   for (int64_t c0 = 0; c0 < n; c0 += kFuseChunk)
     status |= fuse_row<T, FUSION>(a + c0, sH, H, std::min(kFuseChunk, n - c0), f + c0);
   return status;
+}
+
+// acc[0..8) += x[0..n), float32 partial sums in any lane order (the row check: Kernel::add_row_sums keeps 8
+// partial sums per row, so a run's piece of a row costs no horizontal sum). The AVX2 build: four 8-lane
+// accumulators (independent add chains; bfloat16 16 values per load, widened by interleaving zeros below
+// them), the last n mod 8 values as the top lanes of one more 8-value load ending at x + n (its other lanes
+// masked off); the baseline build (and float64): one value per lane. Any order will do: the op's row
+// tolerance leaves room for the rounding of any summation order (ops/rollout.py).
+template <typename T>
+inline void add_partial_sums(const T* x_typed, int64_t n, float* __restrict__ acc) {
+  using R = typename Raw<T>::type;
+  const R* __restrict__ x = reinterpret_cast<const R*>(x_typed);
+  int64_t j = 0;
+#if defined(ROLLOUT_CPU_F16C)
+  if constexpr (!std::is_same_v<T, double>) {
+    if (n >= 8) {
+      __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        const __m256i zero = _mm256_setzero_si256();
+        for (; j + 32 <= n; j += 32) {
+          const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 16));
+          a0 = _mm256_add_ps(a0, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, u)));
+          a1 = _mm256_add_ps(a1, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, u)));
+          a2 = _mm256_add_ps(a2, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)));
+          a3 = _mm256_add_ps(a3, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)));
+        }
+      }
+      for (; j + 32 <= n; j += 32) {
+        a0 = _mm256_add_ps(a0, load8<T>(x + j));
+        a1 = _mm256_add_ps(a1, load8<T>(x + j + 8));
+        a2 = _mm256_add_ps(a2, load8<T>(x + j + 16));
+        a3 = _mm256_add_ps(a3, load8<T>(x + j + 24));
+      }
+      for (; j + 8 <= n; j += 8) a0 = _mm256_add_ps(a0, load8<T>(x + j));
+      if (j < n) {  // lanes 8 - (n - j) .. 7 of the 8 values ending at x + n are the ones not yet added
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                _mm256_set1_epi32(static_cast<int32_t>(7 - (n - j))));
+        a1 = _mm256_add_ps(a1, _mm256_and_ps(load8<T>(x + n - 8), _mm256_castsi256_ps(keep)));
+      }
+      _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3)));
+      return;
+    }
+  }
+#endif
+  for (; j + 8 <= n; j += 8)
+    for (int q = 0; q < 8; ++q) acc[q] += raw_to_float<T>(x[j + q]);
+  for (int q = 0; j < n; ++j, ++q) acc[q] += raw_to_float<T>(x[j]);
 }
 
 // Row i of the unnormalised M: m_ij = discard(F_ij) + [i == j], F[0, 0] kept when protect00 (t = -inf
@@ -519,24 +581,35 @@ struct Kernel {
   int layers(float* M) const {
     const int64_t N = p.N, NN = N * N, LB = p.L * p.B;
     std::atomic<int> status{kValuesOk};
-    if (p.sI == N) {  // rows contiguous: parallel over (layer, sample, run of kFuseChunk entries)
-      const int64_t chunks = (NN + kFuseChunk - 1) / kFuseChunk;
+    if (p.sI == N) {  // rows contiguous: parallel over (layer, sample, run of whole rows, ~kFuseChunk entries)
+      const int64_t rows = std::max<int64_t>(1, kFuseChunk / N), chunks = (N + rows - 1) / rows;
       at::parallel_for(0, LB * chunks, 1, [&](int64_t u0, int64_t u1) {
+        std::vector<float> rs(row_sums_size());
         int st = kValuesOk;
         for (int64_t u = u0; u < u1; ++u) {
-          const int64_t lb = u / chunks, c0 = (u % chunks) * kFuseChunk;
-          st |= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + c0, p.sH, p.H, std::min(kFuseChunk, NN - c0),
-                                    M + lb * NN + c0);
+          const int64_t lb = u / chunks, i0 = (u % chunks) * rows, i1 = std::min(N, i0 + rows);
+          const T* a = base(lb / p.B, lb % p.B);
+          st |= fuse_row<T, FUSION>(a + i0 * N, p.sH, p.H, (i1 - i0) * N, M + lb * NN + i0 * N);
+          if (check_rows()) {
+            add_row_sums(a, i0 * N, (i1 - i0) * N, rs.data());
+            st |= row_status(rs.data(), i0, i1);
+          }
         }
         if (st != kValuesOk) status.fetch_or(st, std::memory_order_relaxed);
       });
     } else {
       const int64_t fuse_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.H * N));
       at::parallel_for(0, LB * N, fuse_grain, [&](int64_t r0, int64_t r1) {
+        std::vector<float> rs(row_sums_size());
         int st = kValuesOk;
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t lb = r / N, i = r % N;
-          st |= fuse_row<T, FUSION>(base(lb / p.B, lb % p.B) + i * p.sI, p.sH, p.H, N, M + lb * NN + i * N);
+          const T* a = base(lb / p.B, lb % p.B);
+          st |= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, N, M + lb * NN + i * N);
+          if (check_rows()) {
+            add_row_sums(a, i * N, N, rs.data());
+            st |= row_status(rs.data(), i, i + 1);
+          }
         }
         if (st != kValuesOk) status.fetch_or(st, std::memory_order_relaxed);
       });
@@ -578,30 +651,84 @@ struct Kernel {
     });
   }
 
-  // Steps 1 (head fusion) of one (layer, sample) matrix into f, NN floats; returns the ValueStatus.
-  int fuse_matrix(const T* a, float* f) const {
-    if (p.sI == p.N) return fuse_run<T, FUSION>(a, p.sH, p.H, p.N * p.N, f);
+  // Step 1 (head fusion) of one (layer, sample) matrix into f, NN floats; returns the ValueStatus, with the
+  // row check when rs (row_sums_size() zeroed floats) is given.
+  int fuse_matrix(const T* a, float* f, float* rs = nullptr) const {
+    const int64_t N = p.N;
     int status = kValuesOk;
-    for (int64_t i = 0; i < p.N; ++i) status |= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, p.N, f + i * p.N);
+    if (p.sI != N) {
+      for (int64_t i = 0; i < N; ++i) {
+        status |= fuse_row<T, FUSION>(a + i * p.sI, p.sH, p.H, N, f + i * N);
+        if (rs != nullptr) add_row_sums(a, i * N, N, rs);
+      }
+    } else if (rs == nullptr) {
+      return fuse_run<T, FUSION>(a, p.sH, p.H, N * N, f);
+    } else {  // runs of whole rows, each summed right after its fusion, while it is in cache
+      const int64_t rows = std::max<int64_t>(1, kFuseChunk / N);
+      for (int64_t i0 = 0; i0 < N; i0 += rows) {
+        const int64_t n = (std::min(N, i0 + rows) - i0) * N;
+        status |= fuse_run<T, FUSION>(a + i0 * N, p.sH, p.H, n, f + i0 * N);
+        add_row_sums(a, i0 * N, n, rs);
+      }
+    }
+    return rs != nullptr ? status | row_status(rs, 0, N) : status;
+  }
+
+  // ------------------------------------------------------------------ the row check (p.row_tol >= 0)
+  bool check_rows() const { return p.row_tol >= 0.0f; }
+
+  // Sums of the rows of every head, 8 partial sums per row, a row's heads side by side: rs[(i * H + h) * 8 + q]
+  // (row_sums_size() floats, zeroed); add_row_sums adds the flat entries e0 .. e0 + n - 1 (e = i * N + j) of
+  // the matrix at a.
+  int64_t row_sums_size() const { return check_rows() ? p.H * p.N * 8 : 0; }
+
+  void add_row_sums(const T* a, int64_t e0, int64_t n, float* rs) const {
+    int64_t i = e0 / p.N, j = e0 - i * p.N;
+    for (int64_t left = n; left > 0; ++i, j = 0) {
+      const int64_t len = std::min(p.N - j, left);
+      const T* row = a + i * p.sI + j;
+      float* sums = rs + i * p.H * 8;
+      for (int64_t h = 0; h < p.H; ++h) add_partial_sums<T>(row + h * p.sH, len, sums + h * 8);
+      left -= len;
+    }
+  }
+
+  // kValueRowSum when the sum of a row i0 <= i < i1 of some head is off 1 by more than the tolerance; those
+  // sums are zeroed for the next matrix.
+  int row_status(float* rs, int64_t i0, int64_t i1) const {
+    int status = kValuesOk;
+    for (float* q = rs + i0 * p.H * 8; q < rs + i1 * p.H * 8; q += 8) {
+      status |= row_sum_status(((q[0] + q[4]) + (q[2] + q[6])) + ((q[1] + q[5]) + (q[3] + q[7])), p.row_tol);
+      std::fill(q, q + 8, 0.0f);
+    }
     return status;
   }
 
   // The head fusion of the next matrix in slices of `step` elements, run between pieces of this matrix's
   // compute (software pipelining: its memory reads overlap the compute instead of following it).
-  // Needs contiguous rows (one run of NN elements per head); a = nullptr: nothing to do.
+  // Needs contiguous rows (one run of NN elements per head); a = nullptr: nothing to do. With rs
+  // (row_sums_size() zeroed floats) each slice's row sums are added right after its fusion and checked at
+  // the end.
   struct FuseAhead {
     const T* a;
     float* f;
-    int64_t sH, H, n, step, done = 0;
+    int64_t step;
+    const Kernel* kernel;
+    float* rs;
+    int64_t done = 0;
     int status = kValuesOk;
     void operator()() {
+      const int64_t n = kernel->p.N * kernel->p.N;
       if (a == nullptr || done >= n) return;
       const int64_t len = std::min(step, n - done);
-      status |= fuse_row<T, FUSION>(a + done, sH, H, len, f + done);
+      status |= fuse_row<T, FUSION>(a + done, kernel->p.sH, kernel->p.H, len, f + done);
+      if (rs != nullptr) kernel->add_row_sums(a, done, len, rs);
       done += len;
     }
     void finish() {
-      while (a != nullptr && done < n) (*this)();
+      if (a == nullptr) return;
+      while (done < kernel->p.N * kernel->p.N) (*this)();
+      if (rs != nullptr) status |= kernel->row_status(rs, 0, kernel->p.N);
     }
   };
 
@@ -614,19 +741,20 @@ struct Kernel {
     const bool discard = p.k >= 1, pipelined = p.sI == N;
     std::atomic<int> status{kValuesOk};
     at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> F(NN), Fnext(pipelined ? NN : 0), v(N), vn(N);
+      std::vector<float> F(NN), Fnext(pipelined ? NN : 0), v(N), vn(N), sums(row_sums_size());
+      float* rs = check_rows() ? sums.data() : nullptr;
       std::vector<uint32_t> cand(discard ? NN + 16 : 0), hist(discard ? kHistWords : 0);
       const int64_t count = (b1 - b0) * p.L;
       const auto matrix = [&](int64_t s) { return base(p.L - 1 - s % p.L, b0 + s / p.L); };
       // slices of the next matrix's fusion: one per gather chunk and one per row
       const int64_t slots = (discard && NN > 4 * kSample ? (NN + kGatherChunk - 1) / kGatherChunk : 0) + N;
       const int64_t step = ((NN + slots - 1) / slots + 7) / 8 * 8;
-      int st = fuse_matrix(matrix(0), F.data());
+      int st = fuse_matrix(matrix(0), F.data(), rs);
       for (int64_t s = 0; s < count && st == kValuesOk; ++s) {
         const int64_t b = b0 + s / p.L;
         if (s % p.L == 0)
           for (int64_t i = 0; i < N; ++i) v[i] = readout_init(readout, i, P);
-        FuseAhead ahead{pipelined && s + 1 < count ? matrix(s + 1) : nullptr, Fnext.data(), p.sH, p.H, NN, step};
+        FuseAhead ahead{pipelined && s + 1 < count ? matrix(s + 1) : nullptr, Fnext.data(), step, this, rs};
         const float t = discard ? select_kth(F.data(), NN, p.k, hist.data(), cand.data(), p.avx512, ahead) : kNoThreshold;
         std::fill(vn.begin(), vn.end(), 0.f);
         for (int64_t i = 0; i < N; ++i) {
@@ -642,7 +770,7 @@ struct Kernel {
             st = ahead.status;
             F.swap(Fnext);
           } else {
-            st = fuse_matrix(matrix(s + 1), F.data());
+            st = fuse_matrix(matrix(s + 1), F.data(), rs);
           }
         }
       }

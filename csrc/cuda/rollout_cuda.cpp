@@ -66,8 +66,10 @@ at::Tensor fused_layers_cuda(const at::Tensor& attentions, std::string_view head
 
 at::Tensor rollout_cuda(const at::Tensor& attentions, std::string_view head_fusion, double discard_ratio,
                         int64_t num_prefix_tokens, bool protect_prefix, std::string_view readout,
-                        std::optional<std::string_view> normalize) {
+                        std::optional<std::string_view> normalize, std::optional<double> row_tolerance) {
   check_cuda(attentions);
+  TORCH_CHECK(!row_tolerance.has_value(), "rollout_fast: the CUDA rollout kernels do not check row sums "
+              "(row_tolerance must be None; rollout_fast.attention_rollout checks them before the launch)");
   const LayerShape s = check_attentions(attentions, discard_ratio);
   const int fusion = parse_head_fusion(head_fusion);
   const int ro = parse_readout(readout);

@@ -33,7 +33,8 @@ def _once(name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ rollout
-def _rollout_fake(attentions, head_fusion, discard_ratio, num_prefix_tokens, protect_prefix, readout, normalize):
+def _rollout_fake(attentions, head_fusion, discard_ratio, num_prefix_tokens, protect_prefix, readout, normalize,
+                  row_tolerance=None):
     torch._check(attentions.dim() == 5, lambda: "rollout_fast: attentions must be (L, B, H, N, N)")
     _, B, _, N, _ = attentions.shape
     shape = (B, N, N) if readout == "full" else (B, N - num_prefix_tokens)

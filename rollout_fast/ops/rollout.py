@@ -5,16 +5,17 @@ Backends of the op "rollout" (:mod:`rollout_fast.ops.registry`), each taking the
 for readout 'full', on the input's device, with the semantics of
 :func:`rollout_fast.reference.attention_rollout`:
 
-The input contract (finite, non-negative attention; rows summing to 1 unless ``check_rows=False``) is
-checked once per call, with the reference's messages (:mod:`rollout_fast.reference.rollout_args`), so every
-backend accepts the same inputs; a backend that finds a violation during its own read of the input says so in
-the registry (``checks_values`` / ``checks_rows``) and the op skips its separate pass.
-
 - "reference": :func:`rollout_fast.reference.attention_rollout` (plain PyTorch), always available;
 - "cpu" / "cuda": ``torch.ops.rollout_fast.rollout`` from the compiled extension ``rollout_fast._C``
   (C++ kernel on CPU tensors, CUDA kernels on CUDA tensors; ``csrc/``);
 - "triton": ``torch.ops.rollout_fast.rollout_triton`` (:mod:`rollout_fast.triton.rollout`), on CUDA
   tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` is set (Triton's interpreter: slow, for tests).
+
+The input contract (finite, non-negative attention; rows summing to 1 unless ``check_rows=False``) is
+checked once per call, with the reference's messages (:mod:`rollout_fast.reference.rollout_args`), so every
+backend accepts the same inputs. A backend that checks during its own read of the input says so in the
+registry (``checks_values`` / ``checks_rows``: the C++ CPU kernel, both) and the op skips that separate pass;
+for the others the op runs it in Python (a min/max pass; a row-sum pass).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ __all__ = ["BACKENDS", "attention_rollout", "available_backends", "grad_attentio
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _OP = "rollout"
-_KERNEL_VALUE_ERROR = "rollout_fast: attentions contains"  # the CPU kernel's NaN/inf and negative-value errors
+_KERNEL_VALUE_ERROR = "rollout_fast: attentions contains"  # the CPU kernel's contract errors (values, rows)
+_KERNEL_ROW_ERROR = "rollout_fast: attentions contains a row that does not sum to 1"
 
 
 # -------------------------------------------------------------------------------------------- backends
@@ -48,29 +50,60 @@ def _finish(out: torch.Tensor, args: RolloutArgs) -> torch.Tensor:
     return out.reshape(out.shape[0], *args.grid)
 
 
+def kernel_row_tolerance(dtype: torch.dtype, n_tokens: int) -> float | None:
+    """The tolerance the CPU kernel checks its float32 row sums against: ``ROW_SUM_TOLERANCE[dtype]`` less
+    ``N * 2**-22``, so that every row the kernel accepts, :func:`rollout_fast.reference.check_row_sums`
+    accepts too. Each of the two float32 sums of N non-negative terms (the kernel's, in its own order, of
+    values rounded to float32; the reference's) is within about ``N * 2**-24 * sum`` of the exact sum, so
+    they differ by less than ``2 * N * 2**-24 * 1.01``, half the margin. None when the margin would take
+    more than half the tolerance (N > 2097 tokens for float32, 20971 for float16/bfloat16): then the op
+    checks the rows in Python instead."""
+    tol = reference.ROW_SUM_TOLERANCE[dtype]
+    margin = n_tokens * 2.0 ** -22
+    return tol - margin if margin <= tol / 2 else None
+
+
+def _compiled_op(args: RolloutArgs, row_tolerance: float | None) -> torch.Tensor:
+    return torch.ops.rollout_fast.rollout(args.attentions, args.head_fusion, args.discard_ratio,
+                                          args.num_prefix_tokens, args.protect_prefix, args.readout,
+                                          args.normalize, row_tolerance)
+
+
 def run_compiled(args: RolloutArgs) -> torch.Tensor:
     """Rollout with the C++/CUDA kernels of ``rollout_fast._C`` (the tensor's device picks which).
 
+    On CPU tensors the kernel checks the input contract during its single read of the attention: NaN/inf
+    and negative values, and with ``args.check_rows`` the row sums (against :func:`kernel_row_tolerance`;
+    for more tokens than that allows, one Python pass first). When it finds a violation, the reference's
+    checks run on that error path only, for the reference's message; a row the kernel refused within the
+    rounding margin of the tolerance but the reference accepts makes the op run again without the row check
+    (the backends then accept exactly the same inputs). The CUDA kernels check nothing: the op checks in
+    Python first (and with ``args.check_rows``, this function does).
+
     Raises:
-        ValueError: NaN, infinite or negative attention values, with the reference's message (the CPU
-            kernel finds them during its single read, so the op skips its separate pass for this backend;
-            the message is then worked out by :func:`rollout_fast.reference.check_attention_values`, on
-            that error path only).
+        ValueError: NaN, infinite or negative attention values, rows not summing to 1 (``check_rows``), with
+            the reference's messages.
         RuntimeError: the extension is not built (the message says how to build it), or a CUDA
             launch failed.
     """
     _ext.require()
+    row_tolerance = None
+    if args.check_rows:
+        if args.attentions.device.type == "cpu":
+            row_tolerance = kernel_row_tolerance(args.attentions.dtype, args.attentions.shape[-1])
+        if row_tolerance is None:
+            reference.check_row_sums(args.attentions)
     try:
-        out = torch.ops.rollout_fast.rollout(args.attentions, args.head_fusion, args.discard_ratio,
-                                             args.num_prefix_tokens, args.protect_prefix, args.readout,
-                                             args.normalize)
+        return _finish(_compiled_op(args, row_tolerance), args)
     except RuntimeError as e:
         if _KERNEL_VALUE_ERROR not in str(e):
             raise
         kernel_error = e
-    else:
-        return _finish(out, args)
-    reference.check_attention_values(args.attentions)  # the reference's ValueError, naming the value
+    if args.check_rows:
+        reference.check_row_sums(args.attentions)  # the reference's ValueError (NaN/inf, negative, or the row)
+    reference.check_attention_values(args.attentions)
+    if _KERNEL_ROW_ERROR in str(kernel_error):  # refused within the rounding margin: the reference accepts it
+        return _finish(_compiled_op(args, None), args)
     raise kernel_error  # the kernel found a bad value the reference does not see: a bug, say so
 
 
@@ -101,11 +134,11 @@ def _on(kind: str):
     return lambda device: device.type == kind
 
 
-# the reference checks the values itself; the C++ CPU kernel during its single read of the attention (the
-# CUDA kernels do not)
+# the reference checks the values itself; the C++ CPU kernel checks values and rows during its single read
+# of the attention (the CUDA kernels do not)
 registry.register(_OP, "reference", Backend(lambda: True, lambda device: True, _run_reference, _always))
 registry.register(_OP, "cpu", Backend(lambda: meta.load_compiled() is not None, _on("cpu"), run_compiled,
-                                      _on("cpu")))
+                                      _on("cpu"), _on("cpu")))
 registry.register(_OP, "cuda", Backend(lambda: torch.cuda.is_available() and meta.load_compiled() is not None
                                        and _ext.cuda_built(), _on("cuda"), run_compiled, _never))
 registry.register(_OP, "triton", Backend(registry.triton_usable, registry.triton_usable, run_triton, _never))
@@ -183,19 +216,20 @@ def attention_rollout(attentions, *, head_fusion: str = "mean", discard_ratio: f
                               normalize=normalize, protect_prefix=protect_prefix, check_rows=check_rows,
                               check_values=False)
     entry = _entry(backend, args.attentions.device)
-    _check_attention(args, entry)
-    return entry.run(args)
+    return entry.run(_check_attention(args, entry))
 
 
-def _check_attention(args: RolloutArgs, entry: Backend) -> None:
-    """The value checks ``entry`` does not make itself during its run (reference messages).
-    The row check runs first, but looks for NaN/inf/negative values before it reports a row, so every
-    backend reports those first."""
+def _check_attention(args: RolloutArgs, entry: Backend) -> RolloutArgs:
+    """The checks ``entry`` does not make itself during its run (reference messages); ``args`` with
+    ``check_rows`` still True only where the backend checks the rows. The row check runs first, but looks
+    for NaN/inf/negative values before it reports a row, so every backend reports those first."""
     device = args.attentions.device
     if args.check_rows and not entry.checks_rows(device):
         reference.check_row_sums(args.attentions)
+        args = args._replace(check_rows=False)
     if not entry.checks_values(device):
         reference.check_attention_values(args.attentions)
+    return args
 
 
 def grad_attention_rollout(attentions, gradients, *, discard_ratio: float = 0.0, num_prefix_tokens: int = 1,

@@ -196,6 +196,46 @@ def test_non_negative_weights_with_zero_rows_agree_with_the_reference(backend, d
             assert_matches(got, reference.attention_rollout(att, grid=(5, 5), **kw))
 
 
+@pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
+def test_cpu_kernel_row_check_accepts_exactly_what_the_reference_accepts():
+    """The CPU kernel checks its float32 row sums against the tolerance narrowed by their rounding margin
+    (N * 2**-22). A row between the two is refused by the kernel and accepted by the reference: the op then
+    runs again without the kernel's row check, so the CPU backend accepts exactly what the reference does."""
+    from rollout_fast.ops import rollout as rollout_ops
+
+    assert rollout_ops.kernel_row_tolerance(torch.float32, 17) == 1e-3 - 17 * 2.0 ** -22
+    assert rollout_ops.kernel_row_tolerance(torch.float32, 2097) is not None
+    assert rollout_ops.kernel_row_tolerance(torch.float32, 2098) is None  # the op checks in Python instead
+    assert rollout_ops.kernel_row_tolerance(torch.bfloat16, 20971) is not None
+    assert rollout_ops.kernel_row_tolerance(torch.bfloat16, 20972) is None
+    att = _attention()
+    kernel_tol = rollout_ops.kernel_row_tolerance(torch.float32, 17)
+    between = att.clone()
+    between[2, 1, 3, 7] = 0.0
+    between[2, 1, 3, 7, 2] = 1 + (1e-3 + kernel_tol) / 2
+    assert kernel_tol < float(between[2, 1, 3, 7, 2]) - 1 < 1e-3
+    with pytest.raises(RuntimeError, match="contains a row that does not sum to 1"):
+        torch.ops.rollout_fast.rollout(between, "mean", 0.0, 1, True, "cls", "max", kernel_tol)
+    for kw in (dict(discard_ratio=0.9), dict(readout="full")):
+        assert_matches(rollout_fast.attention_rollout(between, grid=(4, 4), backend="cpu", **kw),
+                       rollout_fast.attention_rollout(between, grid=(4, 4), backend="reference", **kw))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
+def test_cpu_backend_checks_rows_in_python_beyond_the_kernels_token_count():
+    """N = 2100 > 2097: the kernel's rounding margin would take more than half the tolerance, so the op checks
+    the rows in Python; the messages are the same. (Plain softmax: the tests' 2**-16 grid is too coarse for
+    rows of 2100 entries.)"""
+    att = torch.randn(1, 1, 1, 2100, 2100).softmax(-1)
+    assert_matches(rollout_fast.attention_rollout(att, grid=(1, 2099), backend="cpu"),
+                   reference.attention_rollout(att, grid=(1, 2099)))
+    att[0, 0, 0, 1234] = 0.0
+    att[0, 0, 0, 1234, 5] = 1.25
+    with pytest.raises(ValueError) as info:
+        rollout_fast.attention_rollout(att, grid=(1, 2099), backend="cpu")
+    assert _message(info) == ROW.format(pos=(0, 0, 0, 1234), total="1.25", tol="0.001", dtype="float32")
+
+
 # -------------------------------------------------------------------------------------- scalar arguments
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_numpy_and_0d_tensor_scalars_give_the_python_numbers_result(backend, device):

@@ -196,6 +196,8 @@ def _opcheck_all(op_rollout, op_layers, device):
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 def test_opcheck_compiled_cpu():
     _opcheck_all(torch.ops.rollout_fast.rollout.default, torch.ops.rollout_fast.fused_layers.default, "cpu")
+    for args in _op_args("cpu"):  # the CPU kernel's row check (row_tolerance)
+        torch.library.opcheck(torch.ops.rollout_fast.rollout.default, args + (1e-2,))
 
 
 @pytest.mark.cuda
@@ -300,6 +302,37 @@ def test_compiled_op_checks_its_arguments(args, match):
     """Called directly (no Python validation), the op raises instead of reading garbage."""
     with pytest.raises(RuntimeError, match=match):
         torch.ops.rollout_fast.rollout(*args)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed", "permuted"])
+def test_cpu_kernel_checks_every_row_during_its_read(dtype, layout, monkeypatch):
+    """With a row tolerance the CPU kernel refuses one bad row wherever it is (first and last row of a matrix,
+    rows whose end is a tail past the 8-lane vectors, any head), in both schedules (the per-sample pipeline for
+    'cls', the stored layers for 'full'; contiguous rows and not), at every ISA level; without one it runs,
+    and the row check changes no bit of the result."""
+    top = _ext.load().cpu_isa()
+    tol = reference.ROW_SUM_TOLERANCE[dtype]
+    for isa in CPU_ISA_LEVELS[CPU_ISA_LEVELS.index(top):]:
+        monkeypatch.setenv("ROLLOUT_FAST_CPU_ISA", isa)
+        for N in (9, 70):
+            att = make_attention(2, 3, 6, N, dtype=dtype, layout=layout)
+            for readout in ("cls", "full"):
+                args = (att, "max", 0.5, 1, True, readout, None)
+                plain = torch.ops.rollout_fast.rollout(*args)
+                assert torch.equal(torch.ops.rollout_fast.rollout(*args, tol), plain)
+            for pos in ((0, 0, 0, 0), (1, 2, 5, N - 1), (1, 0, 3, N // 2)):
+                for total in (1 + 2 * tol, 1 - 2 * tol):
+                    bad = att.clone()
+                    bad[pos] = 0.0
+                    bad[pos + (N // 3,)] = total
+                    for readout in ("cls", "full"):
+                        with pytest.raises(RuntimeError, match="contains a row that does not sum to 1"):
+                            torch.ops.rollout_fast.rollout(bad, "max", 0.5, 1, True, readout, None, tol)
+                        torch.ops.rollout_fast.rollout(bad, "max", 0.5, 1, True, readout, None)
+    with pytest.raises(RuntimeError, match="row_tolerance must be None or a finite number >= 0"):
+        torch.ops.rollout_fast.rollout(att, "max", 0.5, 1, True, "cls", None, -1.0)
 
 
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
