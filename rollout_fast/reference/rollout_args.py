@@ -62,6 +62,9 @@ NORMALIZATIONS = ("max", "minmax", None)
 #   roundoff times the sum, 2**-11 = 4.9e-4 (float16) or 2**-8 = 3.9e-3 (bfloat16), whether the softmax
 #   ran in float32 and was cast (PyTorch's eager and SDPA paths) or ran in the low dtype; 1e-2 is 20
 #   float16 and 2.5 bfloat16 roundoffs.
+# The tolerance goes by the tensor's dtype: attention computed in bfloat16 (autocast) but handed over as
+# float32 sums to 1 only within the bfloat16 bound (e.g. 1.0016 seen on the CIFAR-10 teacher), so it needs
+# check_rows=False (the error message says so); the dtype it was computed in cannot be seen here.
 ROW_SUM_TOLERANCE = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
@@ -220,7 +223,8 @@ def check_row_sums(att: torch.Tensor) -> None:
     raise ValueError(f"attentions: row (layer, batch, head, query) = {pos} sums to {total:.6g}, not 1 "
                      f"(|sum - 1| > {tol:g}, the {str(att.dtype)[6:]} tolerance); rollout needs post-softmax "
                      "attention probabilities. Pass check_rows=False for non-negative weights whose rows are "
-                     "not normalised (e.g. heads already fused by max or min)")
+                     "not normalised (e.g. heads already fused by max or min), or for attention computed in "
+                     "float16/bfloat16 and stored in a wider dtype (its rows sum to 1 within 1e-2 only)")
 
 
 # ------------------------------------------------------------------------------------------ arguments

@@ -31,7 +31,8 @@ NEGATIVE = ("attentions: contains negative values (the first: {value} at (layer,
             "rollout needs post-softmax attention probabilities, which are >= 0")
 ROW = ("attentions: row (layer, batch, head, query) = {pos} sums to {total}, not 1 (|sum - 1| > {tol}, the {dtype} "
        "tolerance); rollout needs post-softmax attention probabilities. Pass check_rows=False for non-negative "
-       "weights whose rows are not normalised (e.g. heads already fused by max or min)")
+       "weights whose rows are not normalised (e.g. heads already fused by max or min), or for attention computed "
+       "in float16/bfloat16 and stored in a wider dtype (its rows sum to 1 within 1e-2 only)")
 EMPTY = ("attentions: the sequence is empty (need at least one layer). Hugging Face models return an empty tuple for "
          "outputs.attentions when they run SDPA attention: load the model with attn_implementation=\"eager\", or use "
          "rollout_fast.AttentionRollout, which captures the attention from any attention implementation")
