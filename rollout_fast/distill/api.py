@@ -16,6 +16,7 @@ from .data import fingerprint, identity_params, load_split_tensor, placement_par
 from .ddp import DistEnv, setup_distributed
 from .loop import TrainingRun, train
 from .report import TestSet, final_metrics, student_card
+from .rollout_task import RolloutTask
 from .targets import TeacherTargets
 
 __all__ = ["distill"]
@@ -93,23 +94,24 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     check_student_grid(student, targets.grid, targets.input_size)
     student = env.sync_batchnorm(student).to(env.device)
     val = (test.images[:nval], test.maps[:nval], tuple(t[:nval] for t in test.params))
-    run = TrainingRun(cfg, env, student, targets, train_x, train_views, val, out, progress)
-    seen = train(run, state)
+    task = RolloutTask(cfg, env, targets, train_x, train_views, val)
+    train(TrainingRun(cfg, env, student, task, out, progress), state)
     if env.rank != 0:
         return {}
-    metrics = final_metrics(cfg, student, targets, test, train_views, seen, progress)
+    metrics = final_metrics(cfg, student, targets, test, train_views, task.seen, progress)
     save_student(out / "student.safetensors", student, student_card(cfg, student, targets, metrics, command))
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def _checkpoint_state(out: Path, cfg: DistillConfig, resume: bool) -> dict | None:
-    """The checkpoint to resume (its config must match ``cfg``), or None; refuses to overwrite one."""
+def _checkpoint_state(out: Path, cfg, resume: bool) -> dict | None:
+    """The checkpoint to resume (its config, a dataclass like :class:`DistillConfig`, must match ``cfg``), or
+    None; refuses to overwrite one."""
     ckpt_path = out / "last.pt"
     if resume:
         state = load_training_state(ckpt_path)  # FileNotFoundError / ValueError: nothing written yet
         # fields added since a checkpoint was written read as their defaults
-        if {**asdict(DistillConfig()), **state.get("config", {})} != asdict(cfg):
+        if {**asdict(type(cfg)()), **state.get("config", {})} != asdict(cfg):
             raise ValueError("resume: the checkpoint was written with a different configuration: "
                              f"{state.get('config')} vs {asdict(cfg)}")
         return state

@@ -1,5 +1,11 @@
-"""The distillation training loop: two phases (frozen backbone + fresh map head, then everything), per-epoch
+"""The one distillation training loop: two phases (frozen backbone + fresh head, then everything), per-epoch
 validation, CSV/TensorBoard logs and a resumable checkpoint each epoch.
+
+What is trained on, the loss and the validation come from a :class:`Task`: :class:`.rollout_task.RolloutTask`
+(a student predicting a teacher ViT's rollout maps on its patch grid, :func:`rollout_fast.distill.distill`) and
+:class:`.saliency.SaliencyTask` (a saliency encoder-decoder trained on human fixation densities, optionally with
+a second head matched to a saliency teacher's dense pixel maps, :func:`rollout_fast.distill.distill_saliency`).
+The loop itself (sampling, optimiser and schedule, autocast, DDP, checkpoints, logs) is shared.
 
 Output order (rank 0), so that a run killed at any moment can be started again: nothing is written before
 the first checkpoint (no ``log.csv``, no ``tensorboard/``: a run killed in its first epoch leaves no
@@ -21,31 +27,31 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..checkpoint import atomic_write, save_training_state
-from ..metrics import MapMetrics
-from ..students import RolloutStudent, logits_to_maps
 from ..training import adamw, autocast_for, lr_lambda
-from .config import LOSSES, DistillConfig
-from .data import view_params
+from .config import LOSSES
 from .ddp import DistEnv
-from .targets import EVAL_BATCH, TeacherTargets
 
-__all__ = ["Seen", "TrainingRun", "distill_loss", "evaluate", "train"]
+__all__ = ["LOG_COLUMNS", "SCHEDULES", "Task", "TrainingRun", "distill_loss", "log_columns", "train"]
 
 log = logging.getLogger("rollout_fast.distill")
 
-LOG_COLUMNS = ["epoch", "phase", "train_loss", "val_kld", "val_cc", "val_recall@0.5", "lr", "seconds"]
-# what a run writes in its folder: their atomic-write temp files ('.NAME.<random>') are stale at a start
-RUN_FILES = ("last.pt", "log.csv", "student.safetensors", "student.json", "metrics.json")
+SCHEDULES = ("cosine", "constant")
+LOG_HEAD, LOG_TAIL = ["epoch", "phase", "train_loss"], ["lr", "seconds"]
+# the rollout task's log.csv columns (other tasks put their own validation columns between head and tail)
+LOG_COLUMNS = [*LOG_HEAD, "val_kld", "val_cc", "val_recall@0.5", *LOG_TAIL]
+LOOP_FILES = ("last.pt", "log.csv", "metrics.json")  # what every run writes in its folder
 
 
 def distill_loss(logits: torch.Tensor, target: torch.Tensor, loss: str = "kld") -> torch.Tensor:
     """Distillation loss, averaged over the batch: a 0-dim float32 tensor.
 
     Args:
-        logits: (B, gh, gw) student scores.
-        target: (B, gh, gw) non-negative teacher rollout maps (any scale).
+        logits: (B, gh, gw) student scores (for 'kld' any logits; log-probabilities give the same loss, since
+            ``log_softmax`` of a log-probability map is that map).
+        target: (B, gh, gw) non-negative teacher maps (any scale; a fixation density for saliency).
         loss: 'kld': ``sum_i Q_i (log Q_i - log_softmax(logits)_i)`` with ``Q = target / sum(target)``;
             'bce': BCE-with-logits against ``target / max(target)``; 'mse': MSE of ``sigmoid(logits)``
             against ``target / max(target)``.
@@ -70,66 +76,66 @@ def distill_loss(logits: torch.Tensor, target: torch.Tensor, loss: str = "kld") 
     return F.mse_loss(z.sigmoid(), t)
 
 
-@torch.no_grad()
-def evaluate(student: RolloutStudent, norm, images, maps, params, progress: bool, desc: str) -> dict:
-    """:class:`rollout_fast.metrics.MapMetrics` of the student's maps of uint8 ``images`` augmented by
-    ``params`` against the teacher's ``maps`` (student left in eval mode)."""
-    from tqdm.auto import tqdm
+class Task:
+    """What the loop trains on: the training items, their batches, the loss and the validation.
 
-    student.eval()
-    m = MapMetrics()
-    dx, dy, fl = params
-    for s in tqdm(range(0, len(images), EVAL_BATCH), desc=desc, leave=False, disable=not progress):
-        sl = slice(s, s + EVAL_BATCH)
-        logits = student(norm(images[sl], dx[sl], dy[sl], fl[sl]))
-        m.update(logits_to_maps(logits, student.activation).cpu(), maps[sl])
-    return m.compute()
+    Subclasses set :attr:`val_columns` ((log.csv column, key of :meth:`validate`'s dict) pairs),
+    :attr:`run_files` (the files a run writes besides :data:`LOOP_FILES`, whose interrupted temp files are
+    removed at a start), and implement the methods below. The student must have ``head_parameters()`` and
+    ``backbone_modules()`` (the 'head' phase trains the first with the second frozen in eval mode).
+    """
 
+    val_columns: tuple = ()
+    run_files: tuple = ()
 
-@dataclass
-class Seen:
-    """On-the-fly targets of the first epoch (their sum, count and a sample of up to 4,096): the mean-map
-    and centre-prior baselines when targets are not cached. Saved in the checkpoint."""
+    def __len__(self) -> int:
+        """The number of training items (the sampler draws from ``range(len(task))``)."""
+        raise NotImplementedError
 
-    total: torch.Tensor
-    count: int = 0
-    samples: list = field(default_factory=list)
+    def start_epoch(self, epoch: int) -> None:
+        """Prepare epoch ``epoch`` (0-based), e.g. its augmentation; called on every process."""
 
-    def add(self, target: torch.Tensor) -> None:
-        self.total += target.double().sum(0).cpu()
-        self.count += len(target)
-        if sum(len(t) for t in self.samples) < 4096:
-            self.samples.append(target.cpu())
+    def batch(self, idx: torch.Tensor, epoch: int) -> tuple:
+        """``(inputs, target)`` of training items ``idx`` (int64 (b,)) on the run's device."""
+        raise NotImplementedError
 
-    def sample(self, empty: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.samples)[:4096] if self.samples else empty
+    def forward(self, model: nn.Module, inputs):
+        """The model's training output (called under autocast); ``model`` may be DDP-wrapped."""
+        return model(inputs)
+
+    def loss(self, output, target) -> torch.Tensor:
+        """The 0-dim float32 training loss of a batch."""
+        raise NotImplementedError
+
+    def validate(self, student: nn.Module, progress: bool) -> dict:
+        """Rank 0 after each epoch: a dict holding (at least) the keys of :attr:`val_columns`."""
+        raise NotImplementedError
 
     def state(self) -> dict:
-        grid = tuple(self.total.shape)
-        return {"seen_sum": self.total, "seen_count": self.count,
-                "seen_sample": self.sample(torch.zeros(0, *grid))}
+        """Extra entries of the checkpoint (tensors, numbers, strings)."""
+        return {}
 
-    @classmethod
-    def from_state(cls, state: dict) -> Seen:
-        return cls(state["seen_sum"], state["seen_count"],
-                   [state["seen_sample"]] if state["seen_sample"].numel() else [])
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` saved, from a checkpoint being resumed."""
+
+
+def log_columns(task: Task) -> list[str]:
+    """The header of ``log.csv`` for ``task``."""
+    return [*LOG_HEAD, *(c for c, _ in task.val_columns), *LOG_TAIL]
 
 
 @dataclass
 class TrainingRun:
-    """Everything one training run reads: the config, processes, student, teacher targets, uint8 training
-    images (and their cached target views), the validation images and maps, the output folder."""
+    """Everything one training run reads: the config (``batch_size``, ``seed``, ``head_epochs``, ``epochs``,
+    ``lr``, ``finetune_lr_scale``, ``weight_decay``, ``warmup_epochs``, ``amp``, optionally ``schedule``:
+    'cosine' (default) or 'constant'), the processes, the student, the :class:`Task` and the output folder."""
 
-    cfg: DistillConfig
+    cfg: object
     env: DistEnv
-    student: RolloutStudent
-    targets: TeacherTargets
-    train_x: torch.Tensor
-    train_views: list
-    val: tuple  # (images, maps, (dx, dy, flip))
+    student: nn.Module
+    task: Task
     out: Path
     progress: bool = True
-    seen: Seen = None
     tb: object = None  # TensorBoard writer: None until the first checkpoint, False when not installed
     log_rows: list = field(default_factory=list)  # log.csv's rows (no header), as saved in the checkpoint
 
@@ -138,21 +144,19 @@ class TrainingRun:
         return self.cfg.head_epochs + self.cfg.epochs
 
 
-def train(run: TrainingRun, state: dict | None = None) -> Seen:
-    """Train ``run.student`` in place through both phases, from the start or from a checkpoint ``state``;
-    returns the first epoch's on-the-fly targets (:class:`Seen`)."""
+def train(run: TrainingRun, state: dict | None = None) -> None:
+    """Train ``run.student`` in place through both phases, from the start or from a checkpoint ``state``."""
     from torch.utils.data import DistributedSampler
 
     cfg, env, student = run.cfg, run.env, run.student
     start_epoch = 0
-    run.seen = Seen(torch.zeros(run.targets.grid, dtype=torch.float64))
     if state is not None:
         student.load_state_dict(state["model"])
         start_epoch = state["epoch"]
         torch.set_rng_state(state["rng_cpu"])
-        run.seen = Seen.from_state(state)
+        run.task.load_state(state)
     per_rank = cfg.batch_size // env.world
-    sampler = DistributedSampler(range(len(run.train_x)), num_replicas=env.world, rank=env.rank, shuffle=True,
+    sampler = DistributedSampler(range(len(run.task)), num_replicas=env.world, rank=env.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     steps = len(sampler) // per_rank
     _open_logs(run, state)
@@ -175,7 +179,6 @@ def train(run: TrainingRun, state: dict | None = None) -> Seen:
         epoch0 = phase_end
     if run.tb:
         run.tb.close()
-    return run.seen
 
 
 def _open_logs(run: TrainingRun, state: dict | None) -> None:
@@ -184,12 +187,12 @@ def _open_logs(run: TrainingRun, state: dict | None) -> None:
     nothing here: ``log.csv`` first appears after the first checkpoint."""
     if run.env.rank != 0:
         return
-    for name in RUN_FILES:  # checkpoint.atomic_write's temp files: '.NAME.<random>'
+    for name in (*LOOP_FILES, *run.task.run_files):  # checkpoint.atomic_write's temp files: '.NAME.<random>'
         for tmp in run.out.glob(f".{name}.*"):
             tmp.unlink(missing_ok=True)
     run.log_rows = [] if state is None else _resumed_rows(run.out / "log.csv", state)
     if state is not None:
-        _write_log(run.out / "log.csv", run.log_rows)
+        _write_log(run.out / "log.csv", run.log_rows, log_columns(run.task))
 
 
 def _resumed_rows(path: Path, state: dict) -> list[list]:
@@ -204,11 +207,11 @@ def _resumed_rows(path: Path, state: dict) -> list[list]:
     return [r for r in rows if r and r[0].isdigit() and int(r[0]) <= state["epoch"]]
 
 
-def _write_log(path: Path, rows: list[list]) -> None:
+def _write_log(path: Path, rows: list[list], columns: list[str]) -> None:
     """Write ``log.csv`` whole (header + one row per finished epoch), atomically."""
     def _w(tmp):
         with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([LOG_COLUMNS, *rows])
+            csv.writer(f).writerows([columns, *rows])
     atomic_write(path, _w)
 
 
@@ -221,15 +224,27 @@ def _open_tensorboard(run: TrainingRun) -> None:
         run.tb = False
 
 
-def _optimizer(student: RolloutStudent, phase: str, n_epochs: int, steps: int, lr: float, cfg: DistillConfig):
-    """AdamW + warm-up/cosine schedule of one phase of ``n_epochs`` x ``steps``; 'head' trains only the map
-    head."""
+def _optimizer(student: nn.Module, phase: str, n_epochs: int, steps: int, lr: float, cfg):
+    """AdamW (Adam when ``weight_decay`` is 0) + the schedule of one phase of ``n_epochs`` x ``steps``:
+    linear warm-up, then cosine decay (``cfg.schedule`` 'cosine', the default) or a constant rate
+    ('constant'); 'head' trains only the student's head."""
     head = {id(p) for p in student.head_parameters()}
     for p in student.parameters():
         p.requires_grad_(phase == "all" or id(p) in head)
     opt = adamw(((n, p) for n, p in student.named_parameters() if p.requires_grad), lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n_epochs * steps, int(cfg.warmup_epochs * steps)))
-    return opt, sched
+    warmup = int(cfg.warmup_epochs * steps)
+    if getattr(cfg, "schedule", "cosine") == "constant":
+        f = _constant_lr(warmup)
+    else:
+        f = lr_lambda(n_epochs * steps, warmup)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _constant_lr(warmup_steps: int):
+    """Multiplier of the base rate: linear warm-up over ``warmup_steps``, then 1 (the seeds' constant Adam rate)."""
+    def f(step: int) -> float:
+        return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    return f
 
 
 def _epoch(run: TrainingRun, model, opt, sched, sampler, steps: int, epoch: int, phase: str,
@@ -237,32 +252,23 @@ def _epoch(run: TrainingRun, model, opt, sched, sampler, steps: int, epoch: int,
     """One epoch on this process's shard, then (rank 0) validation, logs and the checkpoint."""
     from tqdm.auto import tqdm
 
-    cfg, env, student, targets = run.cfg, run.env, run.student, run.targets
+    cfg, env, student, task = run.cfg, run.env, run.student, run.task
     t0 = time.time()
     student.train()
     if phase == "head":
         student.backbone_modules().eval()
     idx_all = torch.tensor(list(iter(sampler)), dtype=torch.long)
-    if cfg.cache_targets:
-        (dxa, dya, fla), maps_a = run.train_views[epoch % cfg.views]
-    else:
-        dxa, dya, fla = view_params(cfg.seed, epoch + 1, len(run.train_x), cfg.max_shift, cfg.flip)
+    task.start_epoch(epoch)
     per_rank = cfg.batch_size // env.world
     tot_loss = tot = 0.0
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{run.total_epochs} ({phase})",
                disable=not run.progress or env.rank != 0)
     for s in bar:
         idx = idx_all[s * per_rank:(s + 1) * per_rank]
-        x = targets.norm(run.train_x[idx], dxa[idx], dya[idx], fla[idx])
-        if cfg.cache_targets:
-            target = maps_a[idx].to(env.device)
-        else:
-            target = targets(x)
-            if epoch == 0:
-                run.seen.add(target)
+        inputs, target = task.batch(idx, epoch)
         with autocast_for(env.device, cfg.amp):
-            logits = model(x)
-        loss = distill_loss(logits.float(), target, cfg.loss)
+            output = task.forward(model, inputs)
+        loss = task.loss(output, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -281,24 +287,25 @@ def _end_epoch(run: TrainingRun, opt, sched, epoch: int, phase: str, phase_idx: 
                t0: float) -> None:
     """Rank 0 after an epoch that began at ``t0``: validate, write the checkpoint atomically (with the log
     rows), then the logs it describes, and report."""
-    images, maps, params = run.val
-    val = evaluate(run.student, run.targets.norm, images, maps, params, run.progress, "validate")
+    val = run.task.validate(run.student, run.progress)
     seconds = time.time() - t0
-    row = [epoch + 1, phase, f"{loss:.5f}", f"{val['kld']:.4f}", f"{val['cc']:.4f}", f"{val['recall@0.5']:.4f}",
+    row = [epoch + 1, phase, f"{loss:.5f}", *(f"{val[k]:.4f}" for _, k in run.task.val_columns),
            f"{sched.get_last_lr()[0]:.6g}", f"{seconds:.1f}"]
     save_training_state(run.out / "last.pt", {
         "model": run.student.state_dict(), "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(), "epoch": epoch + 1, "phase": phase_idx,
-        "config": asdict(run.cfg), "rng_cpu": torch.get_rng_state(), **run.seen.state(),
+        "config": asdict(run.cfg), "rng_cpu": torch.get_rng_state(), **run.task.state(),
         "log": [*run.log_rows, row]})
     run.log_rows.append(row)
-    _write_log(run.out / "log.csv", run.log_rows)
+    _write_log(run.out / "log.csv", run.log_rows, log_columns(run.task))
     if run.tb is None:
         _open_tensorboard(run)
     if run.tb:
         run.tb.add_scalar("train/loss", loss, epoch + 1)
-        for k in ("kld", "cc", "recall@0.5", "spearman"):
-            run.tb.add_scalar(f"val/{k}", val[k], epoch + 1)
+        for k, v in val.items():
+            if isinstance(v, float):
+                run.tb.add_scalar(f"val/{k}", v, epoch + 1)
     if run.progress:
-        log.info("epoch %d/%d (%s): loss %.4f, val KLD %.4f CC %.4f recall@0.5 %.4f (%.0f s)", epoch + 1,
-                 run.total_epochs, phase, loss, val["kld"], val["cc"], val["recall@0.5"], seconds)
+        shown = ", ".join(f"{k} {val[k]:.4f}" for _, k in run.task.val_columns)
+        log.info("epoch %d/%d (%s): loss %.4f, val %s (%.0f s)", epoch + 1, run.total_epochs, phase, loss,
+                 shown, seconds)

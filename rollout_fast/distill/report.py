@@ -14,7 +14,7 @@ import torch
 from ..metrics import MapMetrics, fit_centre_prior, uniform_map
 from ..students import RolloutStudent, count_macs, measure_cost
 from .config import DistillConfig
-from .loop import Seen, evaluate
+from .rollout_task import Seen, evaluate
 from .targets import EVAL_BATCH, TeacherTargets
 
 __all__ = ["TestSet", "final_metrics", "student_card"]
