@@ -222,9 +222,12 @@ class AttentionRollout:
         self.last_capture = f"grad:{cap.path}"
         self.last_layer_captures = ()
         self._check_tokens(cap.attentions.shape[-1], layout)
+        # The captured rows are probabilities already checked at capture (a float32 softmax, or the model's own
+        # probabilities read at attn_drop / softmax and checked at their dtype's tolerance, bf16 included).
         raw = grad_attention_rollout(cap.attentions, cap.gradients, discard_ratio=self.discard_ratio,
                                      num_prefix_tokens=layout.num_prefix_tokens, grid=layout.grid,
-                                     readout=self.readout, normalize=None, backend=self.backend)
+                                     readout=self.readout, normalize=None, backend=self.backend,
+                                     check_rows=False)
         _warn_if_flat(raw, layout.has_class_token)
         return RolloutResult(normalize_maps(raw, self.normalize), cap.output)
 

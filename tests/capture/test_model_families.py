@@ -241,3 +241,22 @@ def test_reduced_precision_capture_is_not_held_to_float32_row_sums():
     assert res.source_dtypes == {torch.bfloat16}
     want = reference.attention_rollout(res.attention, num_prefix_tokens=P, grid=grid, check_rows=False)
     torch.testing.assert_close(maps, want, rtol=0, atol=1e-6)
+
+
+def test_reduced_precision_explicit_path_rollout_and_grad_rollout():
+    """timm's explicit path under bf16 autocast: probabilities computed in bf16 (rows off by up to ~4e-3), read
+    at attn_drop; plain and gradient rollout run on them (checked at bf16 tolerance at capture)."""
+    model, size, P, grid = build("vit")
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    images = _images(size, B=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = capture_attention(model, images)
+        maps = AttentionRollout(model)(images)
+        grad_maps = AttentionRollout(model).grad_rollout(images, targets=1)
+        cap = capture_attention_grad(model, images, targets=1)
+    assert res.path == "attn-drop" and res.source_dtypes == {torch.bfloat16}
+    want = reference.attention_rollout(res.attention, num_prefix_tokens=P, grid=grid, check_rows=False)
+    torch.testing.assert_close(maps, want, rtol=0, atol=1e-6)
+    want_grad = reference.grad_rollout(cap.attentions, cap.gradients, num_prefix_tokens=P, grid=grid)
+    torch.testing.assert_close(grad_maps, want_grad, rtol=1e-5, atol=1e-6)
