@@ -36,8 +36,13 @@ Recipe (the seeds', REFERENCE.md section 5, made reproducible):
 Data: an ImageFolder split (``DATA/train``, ``DATA/test``) is decoded once into memory as uint8 at the
 teacher's input size (resize + centre crop) and cached under ``cache_dir``; fine for CIFAR-sized data.
 
+Saliency (:func:`distill_saliency`, :class:`SaliencyConfig`; :mod:`.saliency`): the same loop trains a saliency
+encoder-decoder on human fixation densities (dense pixel targets), model B with a second head matched to a
+saliency teacher's maps (seed 004).
+
 Modules: :mod:`.config` (:class:`DistillConfig`), :mod:`.data` (decoding, augmentation views),
-:mod:`.targets` (the teacher's maps and their cache), :mod:`.loop` (loss, training loop, checkpoints),
+:mod:`.targets` (the teacher's maps and their cache), :mod:`.loop` (the loop over a task: loss, training,
+checkpoints; :mod:`.rollout_task` the rollout student's task),
 :mod:`.report` (final metrics, baselines, cost, card), :mod:`.ddp` (torchrun set-up), :mod:`.api`
 (:func:`distill`); ``python -m rollout_fast.distill`` (:mod:`.__main__`) is the torchrun entry point.
 Progress goes through tqdm and the ``rollout_fast.distill`` logger.
@@ -50,6 +55,7 @@ from .config import LOSSES, TARGETS, DistillConfig
 from .data import load_split_tensor, placement_params, view_params
 from .ddp import shutdown_distributed
 from .loop import distill_loss
+from .saliency import SaliencyConfig, distill_saliency
 
-__all__ = ["LOSSES", "TARGETS", "DistillConfig", "distill", "distill_loss", "load_split_tensor",
-           "placement_params", "shutdown_distributed", "view_params"]
+__all__ = ["LOSSES", "TARGETS", "DistillConfig", "SaliencyConfig", "distill", "distill_loss", "distill_saliency",
+           "load_split_tensor", "placement_params", "shutdown_distributed", "view_params"]
