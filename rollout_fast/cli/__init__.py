@@ -19,12 +19,12 @@ import logging
 import sys
 import traceback
 
-from . import distill, eval_teacher, prune_eval, rollout, train_teacher
+from . import distill, eval_teacher, prune_eval, rollout, saliency_eval, train_teacher
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 DESCRIPTION = "The ``rollout-fast`` command line: parse arguments, call the package's API, print."
-COMMANDS = (train_teacher, rollout, eval_teacher, distill, prune_eval)
+COMMANDS = (train_teacher, rollout, eval_teacher, distill, prune_eval, saliency_eval)
 
 
 USAGE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
