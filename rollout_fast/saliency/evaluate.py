@@ -143,10 +143,10 @@ def evaluate_saliency(root, names: Sequence[str], specs: Sequence[MapSpec], *, s
     sources, centre = build_sources(specs, train, sigma=sigma, device=device, head_fusion=head_fusion,
                                     discard_ratio=discard_ratio, progress=progress)
     negatives, res = _Negatives(split), EvalResult()
+    bar = tqdm(total=len(ds), desc=f"score {len(sources)} maps", unit="image", disable=not progress)
     for s in range(0, len(ds), batch_size):
         recs = ds.records[s:s + batch_size]
-        images = [_load(ds, r) for r in tqdm(recs, desc=f"images {s + 1}-{s + len(recs)} of {len(ds)}",
-                                             leave=False, disable=not progress)]
+        images = [_load(ds, r) for r in recs]
         truth = [(r.counts(), r.density(sigma), negatives(r)) for r in recs]
         maps = {src.spec.label: src.maps(images, recs) for src in sources}
         for src in sources:
@@ -156,6 +156,7 @@ def evaluate_saliency(root, names: Sequence[str], specs: Sequence[MapSpec], *, s
                                      baseline=None if centre is None else centre(r.size))
                 res.per_image.append({"map": src.spec.label, "image": r.name,
                                       **{k: float(v[k][0]) for k in METRICS if k in v}})
+        bar.update(len(recs))
         for i, r in enumerate(recs):
             if len(res.samples) < figure_images:
                 res.samples.append(_sample(images[i], r, truth[i][1], {k: v[i] for k, v in maps.items()}))
@@ -164,6 +165,7 @@ def evaluate_saliency(root, names: Sequence[str], specs: Sequence[MapSpec], *, s
         res.rows.append({"map": src.spec.label, "kind": src.spec.kind, "note": src.note,
                          **{k: float(np.mean([p[k] for p in vals])) for k in METRICS if k in vals[0]},
                          "images": len(vals)})
+    bar.close()
     return res
 
 
