@@ -167,8 +167,8 @@ def plot_curves(args, path: Path, rows: list[dict]) -> None:
 
 
 def _mean_std(values: list[float]) -> str:
-    m = round(statistics.mean(values), 3) + 0.0  # no "-0.000"
-    return f"{m:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{m:.3f}"
+    m = f"{statistics.mean(values):.3f}".replace("-0.000", "0.000")
+    return f"{m} ± {statistics.stdev(values):.3f}" if len(values) > 1 else m
 
 
 def results_md(args, rows: list[dict]) -> list[str]:

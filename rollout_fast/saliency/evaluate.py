@@ -181,13 +181,18 @@ def _sample(image, record: Fixations, density: torch.Tensor, maps: dict, width: 
             "maps": {k: small(m) for k, m in maps.items()}}
 
 
+def _fmt(v: float) -> str:
+    s = f"{v:.3f}"
+    return "0.000" if s == "-0.000" else s
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """The results as a markdown table (metrics present in every row), notes and the protocol below it."""
     cols = [k for k in METRICS if all(k in r for r in rows)]
     lines = ["| map | " + " | ".join(_HEAD[k] for k in cols) + " | images |",
              "|---|" + "---:|" * (len(cols) + 1)]
     for r in rows:
-        lines.append(f"| {r['map']} | " + " | ".join(f"{r[k]:.3f}" for k in cols) + f" | {r['images']} |")
+        lines.append(f"| {r['map']} | " + " | ".join(_fmt(r[k]) for k in cols) + f" | {r['images']} |")
     lines += ["", *(f"- {r['map']}: {r['note']}" for r in rows), "", f"Protocol: {PROTOCOL}."]
     return "\n".join(lines) + "\n"
 
