@@ -104,7 +104,7 @@ def test_parser_has_every_command_and_imports_no_timm():
             "print('timm' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     names, timm_loaded = res.stdout.split("\n")[:2]
-    assert names == str(["train-teacher", "rollout", "eval-teacher", "distill", "prune-eval"])
+    assert names == str(["train-teacher", "rollout", "eval-teacher", "distill", "prune-eval", "saliency-eval"])
     assert timm_loaded == "False"
     res = subprocess.run([sys.executable, "-m", "rollout_fast.cli", "--help"], capture_output=True, text=True,
                          check=True)
