@@ -10,6 +10,7 @@ Public API:
                              ``python -m rollout_fast.check MODEL``)
     load_teacher             the embedded CIFAR-10 teacher, any timm model, or a local checkpoint
     load_student             the shipped student of the embedded teacher (predicts its rollout from a thumbnail)
+    load_saliency_model      a saliency encoder-decoder (shipped name or safetensors + card) predicting where people look
     prune_tokens             a ViT that runs its blocks on the prefix tokens + the top-scored patch tokens
     topk_gather              the fused top-k token gather behind prune_tokens
 """
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 from .ops import attention_rollout, available_backends, grad_attention_rollout  # noqa: E402
 
 __all__ = ["attention_rollout", "available_backends", "grad_attention_rollout", "AttentionRollout",
-           "check_model", "load_teacher", "load_student", "prune_tokens", "topk_gather", "__version__"]
+           "check_model", "load_teacher", "load_student", "load_saliency_model", "prune_tokens", "topk_gather",
+           "__version__"]
 
 
 def __getattr__(name):  # lazy: importing the op must not import timm
@@ -37,6 +39,9 @@ def __getattr__(name):  # lazy: importing the op must not import timm
     if name == "load_student":
         from .zoo import load_student
         return load_student
+    if name == "load_saliency_model":
+        from .saliency.models import load_saliency_model
+        return load_saliency_model
     if name == "prune_tokens":
         from .prune import prune_tokens
         return prune_tokens
