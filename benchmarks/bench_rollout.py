@@ -10,7 +10,9 @@ ViT-B at 384 px (L 12, H 12, N 577); batch 1, 8, 32 on CPU (up to 256 on GPU). P
 - ``cpu`` / ``cuda`` / ``triton``: the fused backends of this install (``rollout_fast.attention_rollout``
   with ``backend=...``; argument validation included, its finiteness pass too).
 - ``cpu-op`` / ``cuda-op``: the registered op ``torch.ops.rollout_fast.rollout`` alone (no Python
-  validation; the CPU kernel checks finiteness during its own read).
+  validation; the CPU kernel checks finiteness and signs during its own read).
+- ``cpu-op+rows``: the same CPU op with the row-sum check the public op asks of it by default
+  (``row_tolerance``: every row of every head summed during the same read).
 - ``floor``: the memory floor, the time to read the same attention once (``attentions.sum()``).
 
 For each provider the table gives the median time (with the 25-75% quantiles), the speed-up over the
@@ -147,6 +149,11 @@ def providers(device: str, head_fusion: str, discard: float, readout: str, loop:
     if "cpu" in out or "cuda" in out:  # the registered op alone: no Python validation pass
         out[f"{'cpu' if 'cpu' in out else 'cuda'}-op"] = lambda a: torch.ops.rollout_fast.rollout(
             a, head_fusion, discard, 1, True, readout, "max")
+    if "cpu" in out:  # with the kernel's row check, as the public op runs it (check_rows=True)
+        from rollout_fast.ops.rollout import kernel_row_tolerance
+
+        out["cpu-op+rows"] = lambda a: torch.ops.rollout_fast.rollout(
+            a, head_fusion, discard, 1, True, readout, "max", kernel_row_tolerance(a.dtype, a.shape[-1]))
     out["floor"] = lambda a: a.sum()
     return out
 
@@ -167,7 +174,7 @@ def _gib(L: int, B: int, H: int, N: int, dtype: torch.dtype) -> float:
 def plan(args) -> list[dict]:
     """What a run with these arguments measures (for ``--dry-run``; no tensors are made)."""
     dtype = getattr(torch, args.dtype)
-    fused = ["cuda", "cuda-op", "triton"] if args.device.startswith("cuda") else ["cpu", "cpu-op"]
+    fused = ["cuda", "cuda-op", "triton"] if args.device.startswith("cuda") else ["cpu", "cpu-op", "cpu-op+rows"]
     out = []
     for model, L, H, N, B in shapes(args):
         gib = _gib(L, B, H, N, dtype)

@@ -19,8 +19,11 @@
 // (rollout_fast/ops/_ext.py loads it).
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <map>
 #include <string>
 
 #ifndef ROLLOUT_FAST_WITH_CUDA
@@ -28,7 +31,8 @@
 #endif
 
 namespace rollout_fast {
-const char* cpu_isa();  // cpu/rollout_cpu.cpp
+const char* cpu_isa();                                 // cpu/rollout_cpu.cpp
+std::map<std::string, int64_t> cpu_schedule_counts();  // cpu/rollout_cpu.cpp
 }
 
 TORCH_LIBRARY(rollout_fast, m) {
@@ -47,4 +51,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", []() { return std::string(rollout_fast::cpu_isa()); },
         "Instruction set the CPU kernel runs with: 'avx512', 'avx2' (AVX2+FMA+F16C build) or 'baseline'; "
         "ROLLOUT_FAST_CPU_ISA=avx2|baseline caps it.");
+  m.def("cpu_schedule_counts", []() { return rollout_fast::cpu_schedule_counts(); },
+        "Calls of the CPU rollout kernel per schedule since loading: 'per_sample' (batch >= threads), 'split' "
+        "(fewer samples than threads: the matrices shared out among the threads), 'split_shared' (split calls in "
+        "which more than one thread took part), 'layers' (stored per-layer matrices: readout 'full', "
+        "fused_layers). For tests.");
 }

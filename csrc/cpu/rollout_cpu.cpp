@@ -7,16 +7,18 @@
 //       -> (L, B, N, N) float32 per-layer M_l = (discard(F_l) + I) / rowsum (steps 1-3)
 //
 // The input contract rides on the one read of the attention: NaN/inf and negative values raise (always),
-// and with a row_tolerance so does a row of a head whose float32 sum is off 1 by more than it (its pieces
-// summed right after their fusion, while in cache; rollout_fast/ops/rollout.py picks the tolerance).
+// and with a row_tolerance so does a row of a head whose float32 sum is off 1 by more than it (summed in the
+// head-fusion loop itself: one more add per loaded vector; rollout_fast/ops/rollout.py picks the tolerance).
 //
 // One pass per layer and sample fuses the H heads while reading the attention once (float32
 // accumulation), selects the discard threshold on the fused N*N matrix (radix select, not a sort),
 // applies discard + residual + row normalisation, and feeds the row-vector chain u^T M_L ... M_1 of the
-// 'cls'/'mean' readouts (O(L N^2)); 'full' keeps every M_l and multiplies them with at::bmm. The
-// kernel (rollout_cpu_impl.h) is compiled for the baseline ISA and, on x86-64, for AVX2+FMA+F16C,
-// picked at run time (the AVX2 build also has an AVX-512 bracket gather, used where cpu_isa() says
-// "avx512"); with -ffp-contract=off and fixed reduction orders all levels give the same bits.
+// 'cls'/'mean' readouts (O(L N^2)): per sample when the batch fills the threads, else with the (layer,
+// sample) matrices shared out among the threads (the split schedule: batch 1 on 2 threads); 'full' keeps
+// every M_l and multiplies them with at::bmm. The kernel (rollout_cpu_impl.h) is compiled for the
+// baseline ISA and, on x86-64, for AVX2+FMA+F16C, picked at run time (the AVX2 build also has AVX-512VL
+// versions of the head fusion and the bracket gather, used where cpu_isa() says "avx512"); with
+// -ffp-contract=off and fixed reduction orders all levels and schedules give the same bits.
 // Per-element logic: common/rollout_common.h (shared with the CUDA kernels).
 
 #include <ATen/Dispatch.h>
@@ -32,8 +34,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <memory>
+#include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -45,12 +52,15 @@
 
 namespace rollout_fast {
 
+// Schedules of the 'cls' / 'mean' readouts (rollout_cpu_impl.h).
+enum Schedule : int { kSchedulePerSample = 0, kScheduleSplit = 1, kScheduleSplitHandoff = 2 };
+
 struct Problem {
   int64_t L, B, H, N, k;
   int64_t sL, sB, sH, sI;  // element strides of the attention (the last stride is 1)
   int fusion;
   bool protect00;  // keep F[b, 0, 0] out of the discard
-  bool avx512;     // the AVX2 build may use AVX-512 for the threshold's bracket gather
+  bool avx512;     // the AVX2 build may use AVX-512VL for the head fusion and the threshold's bracket gather
   float row_tol;   // check |row sum - 1| <= row_tol for every row of every head; < 0: no row check
 };
 
@@ -70,9 +80,9 @@ namespace cpu_avx2 {
 #pragma GCC pop_options
 #endif
 
-// The instruction set the kernel runs with: "avx512" (the AVX2 build, plus AVX-512 in the threshold's
-// bracket gather) where the CPU also has AVX-512F/VL, "avx2" where it has AVX2, FMA and F16C, else
-// "baseline". ROLLOUT_FAST_CPU_ISA=avx2 or =baseline caps it (tests compare the three: same bits); another
+// The instruction set the kernel runs with: "avx512" (the AVX2 build, plus AVX-512VL in the head fusion and
+// the threshold's bracket gather) where the CPU also has AVX-512F/VL, "avx2" where it has AVX2, FMA and
+// F16C, else "baseline". ROLLOUT_FAST_CPU_ISA=avx2 or =baseline caps it (tests compare the three: same bits); another
 // value raises ValueError (a typo must not silently leave the kernel at a level nobody asked for).
 const char* cpu_isa() {
   const char* env = std::getenv("ROLLOUT_FAST_CPU_ISA");
@@ -87,6 +97,40 @@ const char* cpu_isa() {
   if (avx2 && forced != "baseline") return "avx2";
 #endif
   return "baseline";
+}
+
+// Calls of the CPU kernel per schedule since the library was loaded (rollout_fast._C.cpu_schedule_counts(),
+// for tests: which schedule ran, and whether the split one shared its matrices out among threads).
+namespace {
+enum ScheduleCount : int { kCountPerSample = 0, kCountSplit = 1, kCountSplitShared = 2, kCountLayers = 3, kCounts = 4 };
+std::atomic<int64_t> schedule_counts[kCounts];
+
+void count_schedule(int which) { schedule_counts[which].fetch_add(1, std::memory_order_relaxed); }
+}  // namespace
+
+std::map<std::string, int64_t> cpu_schedule_counts() {
+  // 'split': every call of the split schedule; 'split_shared': those in which more than one thread took part
+  // (prepared a matrix or ran a chain: how many do depends on when the threads start)
+  return {{"per_sample", schedule_counts[kCountPerSample].load()},
+          {"split", schedule_counts[kCountSplit].load() + schedule_counts[kCountSplitShared].load()},
+          {"split_shared", schedule_counts[kCountSplitShared].load()},
+          {"layers", schedule_counts[kCountLayers].load()}};
+}
+
+// The schedule of the 'cls' / 'mean' readouts (a Schedule of rollout_cpu_impl.h): the per-sample one when the
+// batch fills the threads, else the split one. ROLLOUT_FAST_CPU_SCHEDULE=per_sample, =split or =split_handoff
+// (tests: the split schedule in which threads that run chains only wait for the matrices other threads
+// prepare) forces one (all give the same bits for any batch and thread count); another value raises ValueError.
+int cpu_schedule(int64_t batch) {
+  const char* env = std::getenv("ROLLOUT_FAST_CPU_SCHEDULE");
+  const std::string_view forced = env != nullptr ? env : "";
+  TORCH_CHECK_VALUE(forced.empty() || forced == "per_sample" || forced == "split" || forced == "split_handoff",
+                    "ROLLOUT_FAST_CPU_SCHEDULE: expected 'per_sample', 'split' or 'split_handoff' (or unset), got '",
+                    forced, "'");
+  if (forced == "per_sample") return kSchedulePerSample;
+  if (forced == "split") return kScheduleSplit;
+  if (forced == "split_handoff") return kScheduleSplitHandoff;
+  return batch < at::get_num_threads() ? kScheduleSplit : kSchedulePerSample;
 }
 
 namespace {
@@ -146,6 +190,7 @@ at::Tensor fused_layers_impl(const at::Tensor& attentions, std::string_view head
   const Problem p = make_problem(att, s, fusion, protect_first, row_tol);
   int status = kValuesOk;
   ROLLOUT_DISPATCH(status, att, fusion, run_layers, p, m);
+  count_schedule(kCountLayers);
   check_value_status(status);
   return M;
 }
@@ -174,10 +219,11 @@ at::Tensor rollout_cpu(const at::Tensor& attentions, std::string_view head_fusio
   at::Tensor out = at::empty({s.B, G}, att.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const Problem p = make_problem(att, s, fusion, protect00, row_tol);
-  // per-sample schedule when the batch fills the threads; otherwise parallel over rows
-  const bool per_sample = s.B >= at::get_num_threads();
-  int status = kValuesOk;
-  ROLLOUT_DISPATCH(status, att, fusion, run_rollout, p, num_prefix_tokens, ro, norm, per_sample, o);
+  const int schedule = cpu_schedule(s.B);
+  int status = kValuesOk, threads_used = 1;
+  ROLLOUT_DISPATCH(status, att, fusion, run_rollout, p, num_prefix_tokens, ro, norm, schedule, o, &threads_used);
+  count_schedule(schedule == kSchedulePerSample ? kCountPerSample
+                                                : (threads_used > 1 ? kCountSplitShared : kCountSplit));
   check_value_status(status);
   return out;
 }

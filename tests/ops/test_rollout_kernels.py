@@ -124,17 +124,18 @@ def test_cpu_threshold_fallback_on_a_large_matrix(ratio):
 
 @pytest.mark.skipif(not HAS_EXT, reason=NO_EXT)
 def test_cpu_schedules_bitwise_equal():
-    """The per-sample schedule (batch >= threads) and the per-row one (batch < threads) agree bit for bit."""
+    """The per-sample schedule (batch >= threads) and the split one (batch < threads) agree bit for bit (more
+    cases: tests/ops/test_rollout_schedules.py)."""
     att = make_attention(4, 3, 3, 50)
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # B = 3 >= 1 thread: one pass per sample, layers last to first
         per_sample = torch.ops.rollout_fast.rollout(att, "mean", 0.9, 1, True, "cls", "max")
-        torch.set_num_threads(4)  # B = 3 < 4 threads: stored M_l, then the chain
-        per_row = torch.ops.rollout_fast.rollout(att, "mean", 0.9, 1, True, "cls", "max")
+        torch.set_num_threads(4)  # B = 3 < 4 threads: the matrices shared out, the chains as they are ready
+        split = torch.ops.rollout_fast.rollout(att, "mean", 0.9, 1, True, "cls", "max")
     finally:
         torch.set_num_threads(prev)
-    assert torch.equal(per_sample, per_row)
+    assert torch.equal(per_sample, split)
 
 
 CPU_ISA_LEVELS = ["avx512", "avx2", "baseline"]  # what ROLLOUT_FAST_CPU_ISA can cap the kernel to
