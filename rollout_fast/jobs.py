@@ -130,14 +130,20 @@ class _RolloutWriter:
     (:meth:`finish`, after every overlay); :meth:`close` cancels what is left (an error elsewhere)."""
 
     def __init__(self, out: Path, data_config: dict, names: list[str] | None, method: str, overlays: str,
-                 earlier: Sequence[Path] = (), bar=None):
+                 earlier: Sequence[Path] = (), bar=None, map_title: str = "rollout",
+                 columns: dict[str, str] | None = None, constants: dict | None = None):
         from .overlay_queue import OverlayQueue
 
         self.result = RolloutJobResult(out)
         self.bar = bar  # advanced once per image written and once for the grid
         self.earlier = list(earlier)  # an earlier run's outputs, removed before the first write
         self.data_config, self.names, self.method, self.overlays = data_config, names, method, overlays
-        self.maps, self.classes, self.probs, self.targets, self.student_maps = [], [], [], [], []
+        self.map_title = map_title  # the grid's column of ``maps``
+        # further maps per image: npz name -> the grid's column title (e.g. student_maps -> student)
+        self.columns = dict(columns or {})
+        self.constants = dict(constants or {})  # saved as they are in the npz (e.g. ltpa_variant)
+        self.maps, self.classes, self.probs, self.targets = [], [], [], []
+        self.extra: dict[str, list[np.ndarray]] = {key: [] for key in self.columns}
         self.shown: list[tuple] = []
         self.queue = OverlayQueue(bar)
 
@@ -149,7 +155,8 @@ class _RolloutWriter:
         return label_of(self.names, c)
 
     def add(self, x: torch.Tensor, files: Sequence, maps: torch.Tensor, logits: torch.Tensor,
-            target: int | None, student_maps: torch.Tensor | None) -> None:
+            target: int | None, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """One batch: ``maps`` (b, gh, gw); ``extra``: a (b, h, w) tensor for each name of ``columns``."""
         from .checkpoint import remove_outputs
         from .viz import denormalize
 
@@ -159,8 +166,8 @@ class _RolloutWriter:
         p, c = logits.float().softmax(-1).max(-1)
         t = c if target is None else torch.full_like(c, target)
         maps_np = maps.cpu().numpy()
-        if student_maps is not None:
-            self.student_maps.append(student_maps.float().cpu().numpy())
+        for key in self.columns:
+            self.extra[key].append(extra[key].float().cpu().numpy())
         first = len(self.result.files)
         drawn = len(files) if self.overlays == "all" else max(0, min(len(files), 16 - first))
         imgs = denormalize(x[:drawn], self.data_config["mean"], self.data_config["std"]) if drawn else None
@@ -196,16 +203,17 @@ class _RolloutWriter:
         result.npz = result.out / "rollout.npz"
         extra = {"target_class": np.concatenate(self.targets).astype(np.int64)} if self.method == "grad" else {}
         columns = []
-        if self.student_maps:
-            extra["student_maps"] = np.concatenate(self.student_maps).astype(np.float32)
-            columns = [("student", list(extra["student_maps"][:len(self.shown)]))]
+        for key, title in self.columns.items():
+            extra[key] = np.concatenate(self.extra[key]).astype(np.float32)
+            columns.append((title, list(extra[key][:len(self.shown)])))
         np.savez(result.npz, maps=np.concatenate(self.maps).astype(np.float32),
                  files=np.array(result.files), predicted_class=classes,
                  probability=np.concatenate(self.probs).astype(np.float32),
                  predicted_label=np.array([self._label(c) for c in classes]),
-                 method=np.array(self.method), **extra)
+                 method=np.array(self.method), **extra,
+                 **{k: np.array(v) for k, v in self.constants.items()})
         result.grid = save_grid([s[0] for s in self.shown], [s[1] for s in self.shown], result.out / "grid.png",
-                                titles=[s[2] for s in self.shown], extra=columns)
+                                titles=[s[2] for s in self.shown], extra=columns, map_title=self.map_title)
         if self.bar is not None:
             self.bar.update(1)
         return result
@@ -229,8 +237,17 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
                    batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
                    overlays: bool | str = True, method: str = "attention", target: int | None = None,
                    student: torch.nn.Module | None = None, overwrite: bool = False, workers: int = 0,
-                   precision: str = "fp32") -> RolloutJobResult:
+                   precision: str = "fp32", grid=None) -> RolloutJobResult:
     """Attention rollout over image files; write overlays, ``rollout.npz`` and ``grid.png`` to ``out``.
+
+    ``model`` is a ViT (attention rollout), or an attention-gated Learn to Pay Attention
+    :class:`~rollout_fast.ltpa.AttnVGG` (Jetley et al., ICLR 2018; e.g. ``load_teacher("cifar10-ltpa")``),
+    whose own attention maps are written the same way (:class:`~rollout_fast.ltpa.LTPAExplainer`): ``maps``
+    is the levels' combination (:func:`~rollout_fast.ltpa.ltpa_saliency`, each level summing to 1, averaged)
+    on ``grid`` (``(gh, gw)`` or an int; default the finest level's size; e.g. 8 for the ViT teacher's patch
+    grid), and ``rollout.npz`` also holds ``level_1``, ``level_2``, ``level_3`` (float32 (num_images, h_i, w_i),
+    the raw maps) and ``ltpa_variant``; ``method`` is saved as 'ltpa'; the grid shows input | LTPA | level 1 |
+    level 2 | level 3. ``head_fusion`` and ``discard_ratio`` do not apply to it; ``grid`` applies only to it.
 
     Each file is read with :func:`rollout_fast.data.load_image` (any size and mode, EXIF orientation
     applied, 16-bit and other high bit depths scaled to 8 bits, converted to RGB) and passed through timm's eval
@@ -260,13 +277,15 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
         ``out/overlays/NNNNN_<name>.png``: the model input with the rollout heatmap and a colour bar;
         ``out/rollout.npz``: ``maps`` float32 (num_images, gh, gw), ``files``, ``predicted_class``
         int64, ``probability`` float32, ``predicted_label``, ``method``; for 'grad' also
-        ``target_class`` int64 (the class each map explains);
+        ``target_class`` int64 (the class each map explains); LTPA models: see above;
         ``out/grid.png``: rows of input | rollout (| student) (first 16 images).
 
     Raises:
         ValueError: ``batch_size`` < 1, unknown ``method``, ``target`` given without method 'grad' or
             outside the model's classes, a bad ``overlays``, ``workers`` or ``precision`` (fp16 off CUDA), a
-            student of another grid or input size, or no file could be read (nothing is written then).
+            student of another grid or input size, or no file could be read (nothing is written then); for
+            an LTPA model method 'grad', a student, the plain VGG baseline or a bad ``grid``; ``grid``
+            with a ViT.
         TypeError: ``target`` not an int.
         FileExistsError: ``out`` holds an earlier run and ``overwrite`` is False.
         NotADirectoryError / PermissionError: ``out`` is a file, or cannot be written.
@@ -274,18 +293,34 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     from timm.data import create_transform
 
     from .checkpoint import check_output_dir
-    from .pipeline import explain_batch, image_batches, plan_batches, precision_setup
+    from .ltpa import AttnVGG
+    from .pipeline import explain_result, image_batches, plan_batches, precision_setup
 
     check_request(batch_size, method, target, model)
+    ltpa = isinstance(model, AttnVGG)
+    if ltpa:
+        _check_ltpa_request(model, method, student, grid)
+    elif grid is not None:
+        raise ValueError("grid: used only with a Learn to Pay Attention model (a ViT's maps are on its patch grid)")
     overlays = overlay_mode(overlays)
     device = torch.device(device)
     run_model, autocast, input_dtype = precision_setup(model, device, precision)
     earlier = check_output_dir(out, ROLLOUT_OUTPUTS, overwrite=overwrite)
-    explainer = AttentionRollout(run_model, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    if ltpa:
+        from .ltpa import LTPAExplainer
+
+        explainer = LTPAExplainer(run_model, grid)
+        columns = {f"level_{i + 1}": f"level {i + 1}" for i in range(len(model.map_sizes))}
+        writer_args = {"method": "ltpa", "map_title": f"LTPA ({model.variant})", "columns": columns,
+                       "constants": {"ltpa_variant": model.variant}}
+    else:
+        explainer = AttentionRollout(run_model, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        writer_args = {"method": method, "columns": {"student_maps": "student"} if student is not None else {}}
     if student is not None:
         student = student.to(device).eval()
     bar = _progress_bar(len(files) + 1, progress)
-    writer = _RolloutWriter(Path(out), data_config, class_names_of(model), method, overlays, earlier, bar)
+    writer = _RolloutWriter(Path(out), data_config, class_names_of(model), overlays=overlays, earlier=earlier,
+                            bar=bar, **writer_args)
     batches = image_batches(files, create_transform(**data_config), plan_batches(len(files), batch_size),
                             device=device, workers=workers)
     try:
@@ -293,9 +328,14 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
             writer.result.skipped += [(str(files[i]), why) for i, why in batch.skipped]
             bar.update(len(batch.skipped))
             if batch.images is not None:
-                maps, logits = explain_batch(explainer, batch.images, method, target, autocast, input_dtype)
-                writer.add(batch.images, [files[i] for i in batch.index], maps, logits, target,
-                           _student_maps(student, batch.images, maps, first=not writer.result.files))
+                res = explain_result(explainer, batch.images, method, target, autocast, input_dtype)
+                maps, logits = res.maps.float(), res.logits.float()
+                if ltpa:
+                    extra = {f"level_{i + 1}": m for i, m in enumerate(res.levels)}
+                else:
+                    extra = {"student_maps": _student_maps(student, batch.images, maps,
+                                                           first=not writer.result.files)}
+                writer.add(batch.images, [files[i] for i in batch.index], maps, logits, target, extra)
         if not writer.result.files:
             raise ValueError(f"images: none of the {len(files)} inputs could be read")
         return writer.finish()
@@ -303,6 +343,19 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
         batches.close()
         writer.close()
         bar.close()
+
+
+def _check_ltpa_request(model, method: str, student, grid) -> None:
+    """The arguments of a rollout job that an LTPA model cannot take (ValueError naming the argument)."""
+    from .ltpa import LTPAExplainer
+
+    if method != "attention":
+        raise ValueError(f"method: {method!r} (gradient rollout) needs a ViT; a Learn to Pay Attention model gives "
+                         "its own attention maps (method 'attention')")
+    if student is not None:
+        raise ValueError("student: a rollout student predicts a ViT's rollout; not used with a Learn to Pay "
+                         "Attention model")
+    LTPAExplainer(model, grid)  # the plain VGG baseline, a bad grid
 
 
 def _student_maps(student, x: torch.Tensor, maps: torch.Tensor, first: bool) -> torch.Tensor | None:

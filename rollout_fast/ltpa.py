@@ -36,7 +36,11 @@ __all__ = [
     "LTPA_VARIANTS",
     "AttnVGG",
     "LTPAAttention",
+    "LTPAExplainer",
+    "LTPAResult",
+    "check_attention_model",
     "create_attnvgg",
+    "level_entropy",
     "ltpa_map_sizes",
     "ltpa_saliency",
     "parse_ltpa_variant",
@@ -392,3 +396,119 @@ def ltpa_saliency(maps, grid, *, levels: Sequence[int] | None = None, mode: str 
             m = m / m.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
         out = out + m
     return out / len(levels)
+
+
+class LTPAResult(tuple):
+    """``(maps, logits)`` of :meth:`LTPAExplainer.explain`, like :class:`rollout_fast.explain.RolloutResult`,
+    with the per-level maps in ``levels``."""
+
+    __slots__ = ()
+
+    def __new__(cls, maps: torch.Tensor, logits: torch.Tensor, levels: tuple[torch.Tensor, ...]):
+        return super().__new__(cls, (maps, logits, levels))
+
+    @property
+    def maps(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def levels(self) -> tuple[torch.Tensor, ...]:
+        return self[2]
+
+
+class LTPAExplainer:
+    """The maps of an attention-gated :class:`AttnVGG` for the rollout jobs, in the form of
+    :class:`rollout_fast.AttentionRollout` (``explain(images)`` -> ``(maps, logits)``): Learn to Pay Attention's
+    maps are the model's own forward output (Jetley et al., ICLR 2018), so one forward pass gives them.
+
+    Args:
+        model: an :class:`AttnVGG` with ``attention=True`` (any dtype; run in eval mode and restored).
+        grid: ``(gh, gw)`` or an int of the combined map (default: the finest level's size,
+            ``model.map_sizes[0]``), e.g. the ViT teacher's patch grid (8, 8) to compare them cell by cell.
+
+    ``explain(images)``: ``images`` (B, 3, S, S) float, ``S = model.img_size``. Returns :class:`LTPAResult`:
+    ``maps`` (B, gh, gw) float32, :func:`ltpa_saliency` of every level (each resized to the grid, normalised
+    to sum 1 per image, averaged: the mean attention mass per cell); ``logits`` (B, num_classes) float32;
+    ``levels``: the three raw attention maps ``a`` (B, h_i, w_i) float32. Runs under ``torch.no_grad``.
+    ``grad_rollout`` / ``explain_grad`` do not exist for it (the jobs refuse method 'grad' first).
+
+    Raises:
+        ValueError: ``model`` is not an attention-gated AttnVGG (the plain VGG baseline has no maps) or a bad
+            ``grid``; in ``explain``, an input of the wrong shape (:meth:`AttnVGG.forward_features`).
+    """
+
+    def __init__(self, model: nn.Module, grid=None):
+        check_attention_model(model, "model")
+        self.model = model
+        self.grid = tuple(model.map_sizes[0]) if grid is None else _grid_pair(grid)
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor) -> LTPAResult:
+        was = self.model.training
+        self.model.eval()
+        try:
+            logits, levels = self.model(images)
+        finally:
+            self.model.train(was)
+        maps = ltpa_saliency(levels, self.grid)
+        return LTPAResult(maps.float(), logits.float(), tuple(m.float() for m in levels))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.explain(images).maps
+
+
+def check_attention_model(model, name: str = "model") -> AttnVGG:
+    """``model`` if it is an attention-gated :class:`AttnVGG`; otherwise ValueError naming ``name`` and what
+    ``model`` is (another class, or the plain VGG baseline, which has no attention maps)."""
+    if not isinstance(model, AttnVGG) or not model.attention:
+        what = type(model).__name__ if not isinstance(model, AttnVGG) else "AttnVGG variant 'vgg' (no attention)"
+        raise ValueError(f"{name}: expected an attention-gated Learn to Pay Attention model (AttnVGG), got {what}")
+    return model
+
+
+def level_entropy(maps, top: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """How spread each attention level is: normalised entropy and the mass in the top locations, per image.
+
+    For each level and image, the map is made a distribution ``p_i = a_i / sum_j a_j`` over its ``n = h * w``
+    positions (softmax maps already are one; sigmoid maps are divided by their sum). Then
+
+    - normalised entropy ``H = -sum_i p_i log p_i / log n`` (``0 log 0 = 0``), in [0, 1]: 1 for a uniform
+      map, 0 for all mass on one position (a level of one position gets 0);
+    - top mass: ``sum`` of the ``k = max(1, ceil(top * n))`` largest ``p_i`` (the fraction of the attention in
+      the top ``top`` of the locations; ``k / n`` for a uniform map).
+
+    The seed (Jetley et al. 2018, Learn to Pay Attention, ICLR; its figures) saw the first level's attention be
+    about zero almost everywhere: a low entropy and a top mass near 1 at level 1.
+
+    Args:
+        maps: :class:`AttnVGG`'s ``maps`` (three (B, h_i, w_i) or (B, 1, h_i, w_i) tensors, non-negative, any
+            float dtype). top: the fraction of locations, in (0, 1].
+
+    Returns:
+        ``(entropy, top_mass)``: two (B, levels) float64 tensors (means over a test set are left to the caller).
+
+    Raises:
+        ValueError: ill-shaped ``maps`` (as :func:`ltpa_saliency`), a negative or all-zero map, or ``top``
+            outside (0, 1].
+    """
+    maps = _check_maps(maps)
+    if isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 1:
+        raise ValueError(f"top must be a fraction in (0, 1], got {top!r}")
+    ent, mass = [], []
+    for i, m in enumerate(maps):
+        p = m.double().flatten(1)
+        if bool((p < 0).any()):
+            raise ValueError(f"maps[{i}] has negative values; attention maps are non-negative")
+        total = p.sum(dim=1, keepdim=True)
+        if bool((total <= 0).any()):
+            raise ValueError(f"maps[{i}] has an image whose map is all zeros")
+        p = p / total
+        n = p.shape[1]
+        h = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(dim=1)
+        ent.append(h / math.log(n) if n > 1 else torch.zeros_like(h))
+        mass.append(p.topk(max(1, math.ceil(top * n - 1e-9)), dim=1).values.sum(dim=1))
+    return torch.stack(ent, dim=1), torch.stack(mass, dim=1)

@@ -18,8 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["PRECISIONS", "Batch", "ImageFiles", "collate_readable", "explain_batch", "image_batches",
-           "plan_batches", "precision_setup"]
+__all__ = ["PRECISIONS", "Batch", "ImageFiles", "collate_readable", "explain_batch", "explain_result",
+           "image_batches", "plan_batches", "precision_setup"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,11 +129,19 @@ def precision_setup(model: torch.nn.Module, device: str | torch.device, precisio
     return copy.deepcopy(model).to(dtype), contextlib.nullcontext, dtype
 
 
+def explain_result(explainer, images: torch.Tensor, method: str, target: int | None, autocast, input_dtype):
+    """The explainer's whole result for ``images``: ``explainer.explain(x)`` ('attention') or
+    ``explainer.explain_grad(x, target)`` ('grad') in the mode of :func:`precision_setup` (``autocast``,
+    ``input_dtype``): a :class:`~rollout_fast.explain.RolloutResult`, or for an
+    :class:`~rollout_fast.ltpa.LTPAExplainer` an :class:`~rollout_fast.ltpa.LTPAResult` (with ``levels``)."""
+    x = images if input_dtype is None else images.to(input_dtype)
+    with autocast():
+        return explainer.explain_grad(x, target) if method == "grad" else explainer.explain(x)
+
+
 def explain_batch(explainer, images: torch.Tensor, method: str, target: int | None, autocast, input_dtype):
     """``(maps (b, gh, gw) float32, logits (b, C) float32)`` of ``images`` on the model's device:
     :meth:`~rollout_fast.AttentionRollout.explain` ('attention') or ``explain_grad(images, target)`` ('grad'),
-    in the mode of :func:`precision_setup` (``autocast``, ``input_dtype``)."""
-    x = images if input_dtype is None else images.to(input_dtype)
-    with autocast():
-        res = explainer.explain_grad(x, target) if method == "grad" else explainer.explain(x)
+    in the mode of :func:`precision_setup` (``autocast``, ``input_dtype``); see :func:`explain_result`."""
+    res = explain_result(explainer, images, method, target, autocast, input_dtype)
     return res.maps.float(), res.logits.float()

@@ -247,12 +247,13 @@ def save_overlay(image: np.ndarray, rollout_map: np.ndarray, path: str | os.Path
 
 def save_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], path: str | os.PathLike,
               titles: Sequence[str] | None = None, extra: Sequence[tuple[str, Sequence[np.ndarray]]] = (),
-              max_images: int = 16, per_row: int | None = None) -> Path:
+              max_images: int = 16, per_row: int | None = None, map_title: str = "rollout") -> Path:
     """Save a grid figure of input | rollout overlay (| extra maps ...) panels as a PNG.
 
     Args:
         images: (H, W, 3) floats in [0, 1]. maps: (gh, gw) arrays, one per image.
-        titles: a caption per image (e.g. predicted class). extra: further (column name, maps) columns.
+        titles: a caption per image (e.g. predicted class). extra: further (column name, maps) columns (any
+            map size; each is upsampled to the image). map_title: the column name of ``maps``.
         max_images: at most this many images are drawn.
         per_row: images per row (default: 1 up to 8 images, else 2).
     """
@@ -268,7 +269,7 @@ def save_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], path: st
     for i in range(n):
         r, c0 = divmod(i, per_row)
         img = _display(images[i])
-        columns = [("input", None), ("rollout", maps[i])] + [(name, ms[i]) for name, ms in extra]
+        columns = [("input", None), (map_title, maps[i])] + [(name, ms[i]) for name, ms in extra]
         for j, (name, m) in enumerate(columns):
             ax = axes[r, c0 * panels + j]
             ax.imshow(img)

@@ -20,11 +20,22 @@ from .models import create_model
 from .students.factory import create_student
 from .students.model import RolloutStudent
 
-__all__ = ["ASSETS", "EMBEDDED_STUDENTS", "EMBEDDED_TEACHERS", "CheckpointNotFoundError", "load_student",
-           "load_teacher", "pruning_student_name", "teacher_card"]
+__all__ = ["ASSETS", "EMBEDDED_STUDENTS", "EMBEDDED_TEACHERS", "INSTALLABLE_MODELS", "CheckpointNotFoundError",
+           "load_student", "load_teacher", "pruning_student_name", "teacher_card"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_TEACHERS = {"cifar10-vit": ASSETS / "cifar10-vit"}
+# Classifiers a recipe script installs into ASSETS as NAME.safetensors + NAME.json (load_teacher(NAME) once
+# there), with the command that trains and installs each: the Learn to Pay Attention models (issue 14; the
+# -thumb ones classify the students' thumbnail) and the Imagenette ViT teacher.
+INSTALLABLE_MODELS = {
+    "cifar10-ltpa": "python python/train_ltpa.py --recipe cifar10-ltpa --install",
+    "imagenette-ltpa": "python python/train_ltpa.py --recipe imagenette-ltpa --install",
+    "cifar10-ltpa-thumb": "python python/train_ltpa.py --recipe cifar10-ltpa-thumb --only pc-softmax-after --install",
+    "imagenette-ltpa-thumb": ("python python/train_ltpa.py --recipe imagenette-ltpa-thumb --only pc-softmax-after "
+                              "--install"),
+    "imagenette-vit": "python python/train_teacher.py --recipe imagenette-vit",
+}
 # Shipped students, by name: "cifar10-vit" predicts the embedded teacher's rollout at discard ratio 0 (the
 # rollout people inspect; issue 5's metrics); "cifar10-vit-prune" predicts the teacher's gradient rollout for
 # its predicted class (distill --target grad-rollout), the map that selects the best patch tokens to keep for
@@ -71,9 +82,11 @@ def load_teacher(model: str | os.PathLike = "cifar10-vit", *, pretrained: bool =
     """Load a teacher ViT in eval mode and its timm data config.
 
     Args:
-        model: ``"cifar10-vit"`` (the embedded CIFAR-10 teacher, offline), any timm model name
-            (e.g. ``"deit_small_patch16_224"``), or a path to a rollout_fast ``.safetensors`` file with
-            its ``.json`` card beside it (as written by ``rollout-fast train-teacher``).
+        model: ``"cifar10-vit"`` (the embedded CIFAR-10 teacher, offline), a name of
+            :data:`INSTALLABLE_MODELS` once its script installed it into ``rollout_fast/assets``
+            (``"cifar10-ltpa"``: a Learn to Pay Attention :class:`~rollout_fast.ltpa.AttnVGG` ...), any timm
+            model name (e.g. ``"deit_small_patch16_224"``), or a path to a rollout_fast ``.safetensors`` file
+            with its ``.json`` card beside it (as written by ``rollout-fast train-teacher``).
         pretrained: for timm names, download timm's pretrained weights (needs internet).
         checkpoint: for timm names, a local weights file: ``.safetensors``, or a torch file read with
             ``weights_only=True`` (a state dict, or a dict with a ``model``/``state_dict`` entry).
@@ -87,7 +100,8 @@ def load_teacher(model: str | os.PathLike = "cifar10-vit", *, pretrained: bool =
 
     Raises:
         CheckpointNotFoundError (FileNotFoundError and ValueError): ``checkpoint`` or a path
-            ``model`` does not exist.
+            ``model`` does not exist, or a name of :data:`INSTALLABLE_MODELS` is not installed yet (the
+            message gives the command that trains and installs it).
         ValueError: an unknown model name, or a checkpoint that cannot be read safely or does not
             match the architecture.
     """
@@ -102,6 +116,15 @@ def load_teacher(model: str | os.PathLike = "cifar10-vit", *, pretrained: bool =
                              f"{name!r}; pass a timm model name instead")
         card = teacher_card(name)
         net, data_config = _from_card(card, EMBEDDED_TEACHERS[name].with_suffix(".safetensors"))
+    elif name in INSTALLABLE_MODELS:
+        weights, card_path = ASSETS / f"{name}.safetensors", ASSETS / f"{name}.json"
+        if checkpoint is not None or pretrained:
+            raise ValueError(f"checkpoint/pretrained: not used with the installed model {name!r}")
+        if not (weights.is_file() and card_path.is_file()):
+            raise CheckpointNotFoundError(f"model: {name!r} is not installed yet (no {weights.name} + "
+                                          f"{card_path.name} in {ASSETS}); train and install it with: "
+                                          f"{INSTALLABLE_MODELS[name]}")
+        net, data_config = _from_card(json.loads(card_path.read_text()), weights)
     elif name.endswith((".safetensors", ".pt", ".pth", ".bin")) or os.sep in name:
         path = Path(name)
         if not path.is_file():

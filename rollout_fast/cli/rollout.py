@@ -1,5 +1,8 @@
 """``rollout-fast rollout``: attention rollout maps, overlays and a grid for image files; ``--shards`` for big
-runs (resumable, and across processes under ``torchrun --nproc-per-node G -m rollout_fast.cli rollout ...``)."""
+runs (resumable, and across processes under ``torchrun --nproc-per-node G -m rollout_fast.cli rollout ...``).
+``--model`` may also be a Learn to Pay Attention model (``cifar10-ltpa`` once installed, or an AttnVGG
+``.safetensors`` with its card): the same files with its own attention maps (each level and their combination
+on ``--grid``; :func:`rollout_fast.jobs.rollout_images`)."""
 
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ def register(subparsers) -> None:
     r.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean",
                    help="head fusion of --method attention (grad rollout fuses heads by mean(A * dA))")
     r.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1)")
+    r.add_argument("--grid", default=None, metavar="N|GHxGW",
+                   help="Learn to Pay Attention models only: the grid of the combined map (default: the finest "
+                        "level's, e.g. 16x16 for cifar10-ltpa; 8 gives the ViT teacher's patch grid)")
     r.add_argument("--student", nargs="?", const="auto", default=None, metavar="NAME_OR_PATH",
                    help="also draw a student's predicted map (default: the shipped student of --model)")
     r.add_argument("--overlays", choices=["none", "sample", "all"], default=None,
@@ -69,6 +75,8 @@ def _usage(args) -> str | None:
         return None
     if args.student is not None:
         return "--student is not used with --shards (the shards hold the teacher's maps)"
+    if args.grid is not None:
+        return "--grid is not used with --shards (a Learn to Pay Attention model's maps go to rollout.npz)"
     if args.shard_size is not None and args.shard_size < 1:
         return f"--shard-size: expected an int >= 1, got {args.shard_size}"
     if args.resume and args.overwrite:
@@ -100,7 +108,12 @@ def run(args: argparse.Namespace) -> int:
         return _run_shards(args, files, overlays or "sample", dev)
     from ..jobs import rollout_images
 
+    grid = _grid(args.grid)
     model, data_config = load_model(args)
+    why = _ltpa_usage(args, model)
+    if why:
+        print(f"{PROG}: {why}", file=sys.stderr)
+        return 2
     try:
         student = None
         if args.student is not None:
@@ -111,12 +124,47 @@ def run(args: argparse.Namespace) -> int:
                              discard_ratio=args.discard_ratio, batch_size=args.batch_size, device=dev,
                              progress=not args.no_progress, overlays=overlays or "all", method=args.method,
                              target=args.target, student=student, overwrite=args.overwrite, workers=args.workers,
-                             precision=args.precision)
+                             precision=args.precision, grid=grid)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
-    _report(res, args.method)
+    _report(res, "ltpa" if _is_ltpa(model) else args.method)
     return 0
+
+
+def _grid(text: str | None):
+    """``--grid`` as None, an int or (gh, gw); ValueError naming the option."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(f"--grid: expected N or GHxGW (positive ints, e.g. 8 or 8x8), got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _is_ltpa(model) -> bool:
+    from ..ltpa import AttnVGG
+
+    return isinstance(model, AttnVGG)
+
+
+def _ltpa_usage(args, model) -> str | None:
+    """Options a Learn to Pay Attention model cannot take (or --grid without one), as a one-line message."""
+    if not _is_ltpa(model):
+        return None if args.grid is None else ("--grid is used only with a Learn to Pay Attention model (a ViT's "
+                                               "maps are on its patch grid)")
+    if not model.attention:
+        return f"--model {args.model}: the plain VGG baseline (variant 'vgg') has no attention maps"
+    if args.method != "attention":
+        return ("--method grad needs a ViT (gradient rollout); a Learn to Pay Attention model gives its own "
+                "attention maps")
+    if args.student is not None:
+        return "--student predicts a ViT's rollout; not used with a Learn to Pay Attention model"
+    return None
 
 
 def _run_shards(args, files, overlays: str, dev: str) -> int:
@@ -130,6 +178,9 @@ def _run_shards(args, files, overlays: str, dev: str) -> int:
     try:
         model, data_config = load_teacher(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                           device=env.device)
+        if _is_ltpa(model):
+            raise ValueError("--shards: a Learn to Pay Attention model's maps are written to rollout.npz; leave "
+                             "out --shards")
         res = rollout_shards(files, args.out, model, data_config, model_name=args.model,
                              checkpoint=args.checkpoint, head_fusion=args.head_fusion,
                              discard_ratio=args.discard_ratio, method=args.method, target=args.target,
@@ -148,7 +199,7 @@ def _run_shards(args, files, overlays: str, dev: str) -> int:
 
 
 def _report(res, method: str) -> None:
-    what = "gradient rollout" if method == "grad" else "rollout"
+    what = {"grad": "gradient rollout", "ltpa": "Learn to Pay Attention maps"}.get(method, "rollout")
     print(f"{what} of {len(res.files)} image(s) written to {res.out}/")
     print(f"  maps:     {res.npz}")
     print(f"  grid:     {res.grid}")
