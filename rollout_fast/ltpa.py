@@ -447,14 +447,16 @@ class LTPAExplainer:
         self.grid = tuple(model.map_sizes[0]) if grid is None else _grid_pair(grid)
 
     @torch.no_grad()
-    def explain(self, images: torch.Tensor) -> LTPAResult:
+    def explain(self, images: torch.Tensor, grid=None) -> LTPAResult:
+        """See the class; ``grid`` (an int or (gh, gw)) overrides the explainer's grid for this call."""
+        grid = self.grid if grid is None else _grid_pair(grid)
         was = self.model.training
         self.model.eval()
         try:
             logits, levels = self.model(images)
         finally:
             self.model.train(was)
-        maps = ltpa_saliency(levels, self.grid)
+        maps = ltpa_saliency(levels, grid)
         return LTPAResult(maps.float(), logits.float(), tuple(m.float() for m in levels))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ METHODS_HELP = (
     "'evit:keep=0.7,0.5:blocks=[1,2,3]' 'ats:keep=1.0,0.5:blocks=[1,2,3]' student:keep=0.75,0.5 "
     "student+tome:keep=0.75:r=2,4 model-rollout:keep=0.5 (with --scorer-model). Writes "
     "methods.csv/json/md and methods_top1_speedup.png (top-1 against speed-up)")
-MODEL_SCORERS = ("model-rollout", "model-grad-rollout")
+MODEL_SCORERS = ("model-rollout", "model-grad-rollout")  # a ViT --scorer-model
+LTPA_SCORERS = ("ltpa",)  # a Learn to Pay Attention --scorer-model
 
 
 def register(subparsers) -> None:
@@ -43,7 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--scorers", default=None,
                    help=f"comma-separated, from {', '.join(scorer_names())} (grad-rollout: a second oracle, "
                         f"the model's gradient rollout for its predicted class; model-rollout / "
-                        f"model-grad-rollout: --scorer-model's rollout); default {DEFAULT_SCORERS}")
+                        f"model-grad-rollout: --scorer-model's rollout; ltpa: --scorer-model's Learn to Pay "
+                        f"Attention maps); default {DEFAULT_SCORERS}")
     p.add_argument("--keep", default=None, help=f"keep ratios in (0, 1]; default {DEFAULT_KEEP}")
     p.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
                    help=METHODS_HELP.format(scorers=", ".join(scorer_names()), methods=", ".join(method_names())))
@@ -65,7 +67,9 @@ def register(subparsers) -> None:
                         "(model-grad-rollout) picks the tokens: 'cifar10-vit', a timm name, or a rollout_fast "
                         ".safetensors with its card; it must have the pruned model's patch grid; images are "
                         "resized to its input size when it differs (and re-normalised to its mean/std); its "
-                        "forward is part of the timed cost")
+                        "forward is part of the timed cost. For scorer ltpa: a Learn to Pay Attention model "
+                        "('cifar10-ltpa', 'cifar10-ltpa-thumb' once installed, or an AttnVGG .safetensors with "
+                        "its card), any grid; the images are resized to its input size")
     p.add_argument("--scorer-checkpoint", default=None, help="local weights for a timm --scorer-model")
     p.add_argument("--scorer-timm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model argument for a timm --scorer-model (JSON value)")
@@ -175,14 +179,23 @@ def _options(args: argparse.Namespace) -> dict:
     option = "--methods" if methods is not None else "--scorers"
     student, student_name = _student(args, option) if "student" in used else (None, None)
     uses_model = sorted(used & set(MODEL_SCORERS))
+    uses_ltpa = sorted(used & set(LTPA_SCORERS))
+    if uses_model and uses_ltpa:
+        raise ValueError(f"{option}: {uses_model[0]!r} (a ViT) and {uses_ltpa[0]!r} (a Learn to Pay Attention "
+                         "model) both read --scorer-model; run them in separate prune-eval runs")
     if uses_model and args.scorer_model is None:
         raise ValueError(f"{option}: scorer {uses_model[0]!r} needs --scorer-model NAME_OR_PATH (the ViT whose "
                          "rollout picks the tokens)")
-    if args.scorer_model is not None and not uses_model:
-        raise ValueError(f"--scorer-model: no scorer uses it; add {' or '.join(MODEL_SCORERS)} to {option}")
+    if uses_ltpa and args.scorer_model is None:
+        raise ValueError(f"{option}: scorer {uses_ltpa[0]!r} needs --scorer-model NAME_OR_PATH (the Learn to Pay "
+                         "Attention model whose attention picks the tokens, e.g. cifar10-ltpa or cifar10-ltpa-thumb)")
+    if args.scorer_model is not None and not (uses_model or uses_ltpa):
+        raise ValueError(f"--scorer-model: no scorer uses it; add {', '.join(MODEL_SCORERS)} or "
+                         f"{' or '.join(LTPA_SCORERS)} to {option}")
     return {"keeps": keeps, "batches": batches, "scorers": scorers, "timm_kwargs": timm_kwargs,
             "student": student, "student_name": student_name, "methods": methods,
-            "scorer_timm_kwargs": scorer_timm_kwargs, "uses_scorer_model": bool(uses_model)}
+            "scorer_timm_kwargs": scorer_timm_kwargs, "uses_scorer_model": bool(uses_model or uses_ltpa),
+            "scorer_model_kind": "ltpa" if uses_ltpa else "vit"}
 
 
 def _load_scorer_model(args: argparse.Namespace, opts: dict, model, data_config: dict, device):
@@ -192,13 +205,13 @@ def _load_scorer_model(args: argparse.Namespace, opts: dict, model, data_config:
     if not opts["uses_scorer_model"]:
         return None
     from ..capture import UnsupportedModelError
-    from ..prune.cross import ModelRolloutScorer
+    from ..prune.cross import LTPAScorer, ModelRolloutScorer
     from ..zoo import load_teacher
 
     try:
         net, config = load_teacher(args.scorer_model, checkpoint=args.scorer_checkpoint, device=device,
                                    **opts["scorer_timm_kwargs"])
-        scorer = ModelRolloutScorer(net)
+        scorer = LTPAScorer(net) if opts["scorer_model_kind"] == "ltpa" else ModelRolloutScorer(net)
     except (ValueError, OSError, UnsupportedModelError) as e:
         raise ValueError(f"--scorer-model: cannot use {args.scorer_model!r}: {e}") from None
     try:

@@ -28,6 +28,9 @@ a new name is one :func:`register_scorer` entry in :mod:`rollout_fast.prune.scor
 - ``'model-rollout'`` / ``'model-grad-rollout'`` (:class:`ModelRolloutScorer`, :mod:`~rollout_fast.prune.cross`):
   another, smaller ViT's attention rollout / gradient rollout of the same image (``scorer_model=``; the
   seeds' DeiT-tiny rollout pruning ViT-B); its input resized to that model's size, its grid must match.
+- ``'ltpa'`` (:class:`LTPAScorer`, :mod:`~rollout_fast.prune.cross`): a Learn to Pay Attention CNN's own
+  attention (Jetley et al., ICLR 2018; ``scorer_model=``), on the image resized to its input size: the full
+  image (an oracle-like cross-architecture scorer) or the students' thumbnail (a teacher-free scorer).
 
 Sources: EViT (Liang et al. 2022) and DynamicViT (Rao et al., NeurIPS 2021) prune inside the network with
 trained or attention-based selection; the seeds dropped patches before the blocks by a (student's) rollout
@@ -49,7 +52,7 @@ from __future__ import annotations
 
 from ..data import load_eval_data
 from .ats import ATS
-from .cross import ModelRolloutScorer
+from .cross import LTPAScorer, ModelRolloutScorer
 from .evit import EViT
 from .inner import METHODS, ReducedViT, TokenReducer, method_names, reduce_tokens, register_method
 from .keep import check_keep_ratio, keep_count
@@ -79,6 +82,7 @@ __all__ = [
     "ClsAttentionScorer",
     "EViT",
     "GradRolloutScorer",
+    "LTPAScorer",
     "ModelRolloutScorer",
     "PatchScorer",
     "PrunedViT",

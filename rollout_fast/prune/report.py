@@ -30,6 +30,14 @@ def format_table(result: dict) -> str:
         for t in result["throughput"]:
             lines.append(f"| {t['scorer']} | {t['keep_ratio']} | {t['batch']} | {t['images_per_s']:.1f} | "
                          f"{t['speedup']:.2f}x |")
+    if result.get("scorer_cost"):
+        batch = next(k for k in result["scorer_cost"][0] if k.startswith("ms_per_image_batch"))
+        head = ("| scorer (its network alone) | params | MACs/image | latency batch 1 | ms/image batch "
+                f"{batch[len('ms_per_image_batch'):]} |")
+        lines += ["", head, "|---|---|---|---|---|"]
+        for c in result["scorer_cost"]:
+            lines.append(f"| {c['scorer']} | {c['params'] / 1e6:.3f} M | {c['macs_per_image'] / 1e6:.2f} M | "
+                         f"{c['latency_ms_batch1']:.3f} ms | {c[batch]:.4f} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ name, a :class:`PatchScorer` or a callable. A new scorer is one decorated factor
         return EntropyScorer()                     # rollout_discard_ratio, head_fusion, scorer_model, image_norm
 
 Registered: 'random', 'rollout', 'grad-rollout', 'cls-attention', 'student' (see :mod:`rollout_fast.prune`),
-and, from :mod:`rollout_fast.prune.cross`, 'model-rollout' and 'model-grad-rollout' (another ViT's rollout).
+and, from :mod:`rollout_fast.prune.cross`, 'model-rollout' and 'model-grad-rollout' (another ViT's rollout) and
+'ltpa' (a Learn to Pay Attention model's attention).
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ class PatchScorer:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError when this scorer cannot score ``model`` (called by ``prune_tokens``)."""
+
+    def module(self) -> nn.Module | None:
+        """The network this scorer runs besides the pruned model (a student, a scorer model), whose parameters
+        count as its cost (:func:`rollout_fast.prune.study.scorer_cost`); None when it has none."""
+        return None
 
 
 class RandomScorer(PatchScorer):
@@ -285,6 +291,9 @@ class StudentScorer(PatchScorer):
             thumbnail = (thumbnail, thumbnail)
         self.thumbnail = None if thumbnail is None else tuple(int(s) for s in thumbnail)
 
+    def module(self) -> nn.Module | None:
+        return self.student if isinstance(self.student, nn.Module) else None
+
     def student_grid(self) -> tuple[int, int] | None:
         g = getattr(self.student, "grid", None) or getattr(self.student, "grid_size", None)
         return None if g is None else tuple(int(s) for s in g)
@@ -336,18 +345,20 @@ def make_scorer(scorer, *, seed: int = 0, student=None, thumbnail=None, block: i
                 rollout_discard_ratio: float = 0.9, head_fusion: str = "mean", scorer_model=None,
                 image_norm=None) -> PatchScorer:
     """A :class:`PatchScorer` from a registered name ('random' | 'rollout' | 'grad-rollout' | 'cls-attention'
-    | 'student' | 'model-rollout' | 'model-grad-rollout', see :func:`register_scorer`), a scorer, or a
+    | 'student' | 'model-rollout' | 'model-grad-rollout' | 'ltpa', see :func:`register_scorer`), a scorer, or a
     callable ``images -> (B, G)``.
 
     'student' needs ``student``: a module/callable, or a name for ``rollout_fast.students.load_student``.
     'model-rollout' / 'model-grad-rollout' need ``scorer_model``: a ViT module, a ``(module, data_config)``
     pair or a name for :func:`rollout_fast.zoo.load_teacher`; ``image_norm`` = (mean, std) of the images
     lets them be re-normalised for a scorer model whose data config is known
-    (:class:`~rollout_fast.prune.cross.ModelRolloutScorer`).
+    (:class:`~rollout_fast.prune.cross.ModelRolloutScorer`). 'ltpa' needs ``scorer_model``: a Learn to Pay
+    Attention AttnVGG (module, pair or name; :class:`~rollout_fast.prune.cross.LTPAScorer`).
 
     Raises:
         ValueError: unknown name; 'student' without a student (or the students package is missing);
-            'model-rollout' without a scorer model.
+            'model-rollout' / 'ltpa' without a scorer model, or 'ltpa' with one that is not an attention-gated
+            AttnVGG.
         TypeError: neither a name, a PatchScorer nor a callable.
     """
     if isinstance(scorer, PatchScorer):

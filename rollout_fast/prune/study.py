@@ -48,7 +48,7 @@ from .scorers import PatchScorer, RandomScorer, check_scores, make_scorer, score
 from .timing import measure_speedup, measure_throughput
 
 __all__ = ["PRESELECT_POINTS", "BuiltMethod", "MethodSpec", "OperatingPoint", "build_methods", "compare_methods",
-           "parse_method", "prune_eval"]
+           "parse_method", "prune_eval", "scorer_cost"]
 
 
 def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, scorers: Sequence[str],
@@ -68,9 +68,16 @@ def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
     Scores are computed once per batch and scorer (they do not depend on the keep ratio) and shared by the
     keep ratios; 'random' is run with seeds ``0 .. seeds-1`` (mean and standard deviation reported).
 
+    Scorer cost: with timing (``throughput_batches`` not empty), every scorer that runs a network of its own
+    (a student, a scorer model: :meth:`PatchScorer.module`) gets its parameters, MACs per image and latency
+    alone (:func:`scorer_cost`, the measurement of the students' cards), so scorers can be compared at equal
+    cost (e.g. the distilled student against a thumbnail LTPA model's attention, ``'ltpa'``).
+
     Returns:
         dict with ``rows`` (scorer, keep_ratio, tokens_kept, num_patches, dropped_fraction, top1, top1_std,
-        seeds, images), ``throughput`` (scorer, keep_ratio, batch, images_per_s, speedup) and ``meta``.
+        seeds, images), ``throughput`` (scorer, keep_ratio, batch, images_per_s, speedup), ``scorer_cost``
+        (scorer, params, macs_per_image, latency_ms_batch1, ms_per_image_batch<B>, device, threads; empty
+        without timing) and ``meta``.
     """
     model = model.to(device).eval()
     layout = token_layout(model, tuple(images.shape[-2:]))
@@ -86,12 +93,35 @@ def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
     throughput = []
     for bsz in throughput_batches:
         throughput += _throughput(model, images, timed, keeps, bsz, throughput_time, device)
+    cost = []
+    if throughput_batches:
+        size = tuple(images.shape[-2:])
+        cost = [c for c in (scorer_cost(sc, model, size, batch_size=max(throughput_batches), device=device)
+                            for sc in timed.values()) if c is not None]
     meta = {"full_top1": full_top1, "images": images.shape[0] if accuracy else 0,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "num_patches": layout.grid[0] * layout.grid[1], "num_prefix_tokens": layout.num_prefix_tokens,
             **_environment(device), "seeds": seeds, "rollout_discard_ratio": rollout_discard_ratio,
             "cls_block": block}
-    return {"rows": rows, "throughput": throughput, "meta": meta}
+    return {"rows": rows, "throughput": throughput, "scorer_cost": cost, "meta": meta}
+
+
+def scorer_cost(scorer: PatchScorer, model: nn.Module, image_size: tuple[int, int], *, batch_size: int = 64,
+                repeats: int = 5, device="cpu") -> dict | None:
+    """The cost of a scorer alone, as the students' cards report a student's
+    (:func:`rollout_fast.students.measure_cost` on ``scorer.score(model, x)``, random (B, 3, H, W) inputs at
+    the pruned model's ``image_size``): ``{"scorer", "params", "macs_per_image", "latency_ms_batch1",
+    "ms_per_image_batch<batch_size>", "device", "threads"}``. Params: :meth:`PatchScorer.module`'s; MACs: matmuls
+    and convolutions (``torch.utils.flop_counter``), so resizing the image for a scorer is not counted. None
+    for a scorer without a network of its own (random, cls-attention, the model's own rollout)."""
+    from ..students.cost import measure_cost
+
+    net = scorer.module()
+    if net is None:
+        return None
+    cost = measure_cost(lambda x: scorer.score(model, x), net, image_size, batch_size=batch_size,
+                        repeats=repeats, device=device)
+    return {"scorer": scorer.name, **cost}
 
 
 def _scorer_runs(timed: dict[str, PatchScorer], seeds: int) -> list[tuple[str, PatchScorer]]:

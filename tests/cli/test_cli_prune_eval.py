@@ -158,7 +158,7 @@ def test_prune_eval_methods_on_a_tiny_vit(tiny_folder, tmp_path, capsys):
     (["--methods", "model-rollout:keep=0.5"], ("--methods: scorer 'model-rollout' needs --scorer-model NAME_OR_PATH "
      "(the ViT whose rollout picks the tokens)")),
     (["--methods", "tome:r=2", "--scorer-model", "vit_tiny_patch16_224"], ("--scorer-model: no scorer uses it; add "
-     "model-rollout or model-grad-rollout to --methods")),
+     "model-rollout, model-grad-rollout or ltpa to --methods")),
     (["--methods", "model-rollout:keep=0.5", *SCORER_MODEL[:2], "--scorer-timm-arg", "img_size=32",
       "--scorer-timm-arg", "patch_size=4"], ("--scorer-model vit_tiny_patch16_224: scorer model: its patch grid is "
      "8x8 at its 32x32 input, the pruned model's is 4x4; use a scorer model with the same patch grid")),

@@ -57,8 +57,8 @@ def test_model_maps_against_a_plain_loop(variant):
     ([torch.ones(1, 2, 2), torch.zeros(1, 2, 2)], 0.05, "maps[1] has an image whose map is all zeros"),
     ([torch.ones(1, 2, 2)], 0.0, "top must be a fraction in (0, 1], got 0.0"),
     ([torch.ones(1, 2, 2)], 1.5, "top must be a fraction in (0, 1], got 1.5"),
-    (torch.ones(1, 2, 2), 0.05, "maps must be a non-empty list/tuple of (B, h, w) or (B, 1, h, w) tensors "
-                                "(AttnVGG's second output; the baseline has none)"),
+    (torch.ones(1, 2, 2), 0.05, ("maps must be a non-empty list/tuple of (B, h, w) or (B, 1, h, w) tensors "
+                                "(AttnVGG's second output; the baseline has none)")),
 ])
 def test_errors(maps, top, message):
     with pytest.raises(ValueError) as e:
