@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", choices=student_archs(), default=d.student)
     p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy)
     p.add_argument("--factor", type=int, default=d.factor, help="the student sees 1/F^2 of the pixels")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and test/")
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ and test/ (or --test-split)")
+    p.add_argument("--test-split", default=d.test_split,
+                   help="the evaluation split's folder in --data (e.g. val for ../shared/data/imagenette)")
     p.add_argument("--out", required=True, help="output folder (checkpoints, log, weights, card, metrics)")
     p.add_argument("--loss", choices=LOSSES, default=d.loss)
     p.add_argument("--target", choices=TARGETS, default=d.target,
@@ -89,7 +91,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         warmup_epochs=args.warmup_epochs, seed=args.seed, cache_targets=args.cache_targets,
         views=args.views, max_shift=args.max_shift, flip=not args.no_flip, train_images=args.train_images,
         val_images=args.val_images, placement_shift=args.placement_shift, amp=not args.no_amp,
-        pretrained=args.pretrained, workers=args.workers, student_options=options)
+        pretrained=args.pretrained, workers=args.workers, student_options=options,
+        test_split=args.test_split)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,8 +33,9 @@ Recipe (the seeds', REFERENCE.md section 5, made reproducible):
   must keep agreeing with the teacher's rollout of the shifted image), and the cost of student and
   teacher (parameters, multiply-adds, latency).
 
-Data: an ImageFolder split (``DATA/train``, ``DATA/test``) is decoded once into memory as uint8 at the
-teacher's input size (resize + centre crop) and cached under ``cache_dir``; fine for CIFAR-sized data.
+Data: the ImageFolder splits ``DATA/train`` and ``DATA/<test_split>`` (``test``; ``val`` for Imagenette) are
+decoded once into memory as uint8 at the teacher's input size (timm's eval transform: resize to
+``H / crop_pct``, centre crop) and cached under ``cache_dir``; fine for CIFAR- and Imagenette-sized data.
 
 Saliency (:func:`distill_saliency`, :class:`SaliencyConfig`; :mod:`.saliency`): the same loop trains a saliency
 encoder-decoder on human fixation densities (dense pixel targets), model B with a second head matched to a

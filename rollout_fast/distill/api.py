@@ -28,7 +28,9 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
     """Train a student to predict the teacher's rollout; write checkpoints, logs, weights, card, metrics.
 
     Args:
-        data: ImageFolder root with ``train/`` and ``test/`` (e.g. ``../shared/data/cifar10``).
+        data: ImageFolder root with ``train/`` and the evaluation split ``config.test_split`` (``test/``, e.g.
+            ``../shared/data/cifar10``; ``val/`` for ``../shared/data/imagenette``); both are decoded the teacher's
+            eval way (its data config's ``crop_pct``: resize to ``H / crop_pct``, centre crop).
         out: output folder: ``last.pt`` (resumable state, rewritten atomically each epoch),
             ``log.csv``, and at the end ``student.safetensors`` + ``student.json`` (card, loadable by
             :func:`rollout_fast.load_student`) and ``metrics.json``.
@@ -56,8 +58,6 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
             with another config, a batch size not divisible by the number of processes, a student whose
             output grid differs from the teacher's; bad ``targets_from`` (see :class:`.targets.ShardTargets`).
     """
-    from ..data import resolve_split
-
     cfg = config or DistillConfig()
     cfg.validate()
     env = setup_distributed(device)
@@ -65,9 +65,14 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
         raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the {env.world} processes")
     out = Path(out)
     state = _checkpoint_state(out, cfg, resume)
-    train_root, test_root = resolve_split(data, "train"), resolve_split(data, "test")
-    if train_root == test_root:
-        raise ValueError(f"data: {str(data)!r} must hold train/ and test/ ImageFolder splits")
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data: folder {str(data)!r} does not exist")
+    train_root, test_root = root / "train", root / cfg.test_split
+    missing = [f"{p.name}/" for p in (train_root, test_root) if not p.is_dir()]
+    if missing:
+        raise ValueError(f"data: {str(data)!r} has no {' and no '.join(missing)} split (expected train/ and "
+                         f"{cfg.test_split}/ ImageFolder trees; test_split names the evaluation split)")
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     check_writable_dir(out, "out")  # before any compute
     check_writable_dir(cache, "cache_dir")
@@ -127,13 +132,14 @@ def _data(cfg: DistillConfig, env: DistEnv, targets: TeacherTargets, train_root,
     the teacher's maps (cached), and with shard targets the training images' files. Rank 0 decodes and
     caches first so the others just load."""
     cache, size = targets.cache, targets.input_size
+    crop_pct = float(targets.data_config.get("crop_pct", 1.0))
 
     def split(root):
         if env.rank == 0:
-            res = load_split_tensor(root, size, cache, workers=cfg.workers, progress=progress)
+            res = load_split_tensor(root, size, cache, workers=cfg.workers, progress=progress, crop_pct=crop_pct)
         env.barrier()
         if env.rank != 0:
-            res = load_split_tensor(root, size, cache, workers=cfg.workers, progress=False)
+            res = load_split_tensor(root, size, cache, workers=cfg.workers, progress=False, crop_pct=crop_pct)
         return res
 
     train_x, _, train_key = split(train_root)

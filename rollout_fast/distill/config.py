@@ -44,6 +44,9 @@ class DistillConfig:
     pretrained: bool = False
     workers: int = 2
     student_options: dict = field(default_factory=dict)
+    # the data folder's evaluation split (the test and per-epoch validation images): 'test' (CIFAR-10),
+    # 'val' (Imagenette)
+    test_split: str = "test"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (the student, strategy and loss through
@@ -70,6 +73,10 @@ class DistillConfig:
                 raise ValueError(f"{n}: expected > 0, got {getattr(self, n)!r}")
         if not self.weight_decay >= 0 or not self.warmup_epochs >= 0:
             raise ValueError("weight_decay, warmup_epochs: expected >= 0")
+        if not isinstance(self.test_split, str) or not self.test_split or self.test_split == "train" \
+                or "/" in self.test_split or "\\" in self.test_split:
+            raise ValueError(f"test_split: expected the name of a split folder other than 'train', "
+                             f"got {self.test_split!r}")
         for n in ("train_images", "val_images", "placement_shift"):
             v = getattr(self, n)
             if v is not None:

@@ -68,24 +68,33 @@ def _check_split(obj, n: int, size: tuple[int, int], labels: list[int]) -> None:
 
 
 def load_split_tensor(root: str | os.PathLike, size: tuple[int, int], cache_dir: str | os.PathLike | None = None,
-                      *, workers: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
+                      *, workers: int = 0, progress: bool = True, crop_pct: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Decode an ImageFolder split once: ``(images uint8 (N, 3, H, W), labels int64 (N,), key)``.
 
-    Images are resized (shorter side, bicubic) and centre-cropped to ``size`` = (H, W). With
-    ``cache_dir`` the tensors are cached there (``images_<key>.pt``) under a key of the content: every
-    file's relative path, class, size and modification time (:func:`files_fingerprint`), the transform and
-    ``size``; a corrupt cache file is reported by name (``UserWarning``) and rebuilt.
+    Images are resized (shorter side, bicubic) to ``floor(min(size) / crop_pct)`` and centre-cropped to
+    ``size`` = (H, W): timm's eval transform (``crop_pct`` 1: the whole image, the CIFAR teacher's; 0.875:
+    the centre 112 px of a 128 px resize, the Imagenette teacher's). With ``cache_dir`` the tensors are
+    cached there (``images_<key>.pt``) under a key of the content: every file's relative path, class, size
+    and modification time (:func:`files_fingerprint`), the transform and ``size``; a corrupt cache file is
+    reported by name (``UserWarning``) and rebuilt.
 
     Raises:
-        FileNotFoundError: missing folder. ValueError: a folder with no class folders or images.
+        FileNotFoundError: missing folder. ValueError: a folder with no class folders or images, or
+            ``crop_pct`` outside (0, 1].
     """
+    import math
+
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
     from tqdm.auto import tqdm
 
     from ..data import image_folder
 
-    tf = T.Compose([T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct: expected a number in (0, 1], got {crop_pct!r}")
+    scale = min(size) if crop_pct == 1.0 else math.floor(min(size) / crop_pct)  # timm's scale_size
+    tf = T.Compose([T.Resize(scale, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                     T.PILToTensor()])
     ds = image_folder(root, tf)
     key = fingerprint(CACHE_VERSION, files_fingerprint(root, ds.samples), tf, tuple(size))

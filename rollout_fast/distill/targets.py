@@ -119,7 +119,7 @@ def shard_differences(manifest: dict, targets: TeacherTargets, cfg: DistillConfi
     """How the shards of ``manifest`` differ from the teacher maps of a distillation run (empty when they are
     its unaugmented targets): teacher weights (state-dict hash), method and rollout settings, float32 maps,
     input size, normalisation and transform (distill decodes by resizing the shorter side, bicubic, and
-    centre-cropping: timm's eval transform with crop_pct 1), grid."""
+    centre-cropping: timm's eval transform with the teacher's crop_pct), grid."""
     from ..shards import state_dict_hash
 
     want = {"model hash": state_dict_hash(targets.teacher),
@@ -128,7 +128,8 @@ def shard_differences(manifest: dict, targets: TeacherTargets, cfg: DistillConfi
             "discard_ratio": float(cfg.discard_ratio), "readout": targets.explainer.readout,
             "normalize": targets.explainer.normalize, "precision": "fp32", "grid": list(targets.grid),
             "input size": list(targets.input_size), "mean": [float(v) for v in targets.data_config["mean"]],
-            "std": [float(v) for v in targets.data_config["std"]], "interpolation": "bicubic", "crop_pct": 1.0,
+            "std": [float(v) for v in targets.data_config["std"]], "interpolation": "bicubic",
+            "crop_pct": float(targets.data_config.get("crop_pct", 1.0)),
             "crop_mode": "center"}
     inp = manifest.get("input", {})
     got = {"model hash": manifest.get("model", {}).get("hash"), "input size": list(inp.get("input_size", []))[-2:],
