@@ -39,9 +39,13 @@ INSTALLABLE_MODELS = {
 # Shipped students, by name: "cifar10-vit" predicts the embedded teacher's rollout at discard ratio 0 (the
 # rollout people inspect; issue 5's metrics); "cifar10-vit-prune" predicts the teacher's gradient rollout for
 # its predicted class (distill --target grad-rollout), the map that selects the best patch tokens to keep for
-# pruned inference (rollout_fast.prune; ``prune-eval``'s default).
+# pruned inference (rollout_fast.prune; ``prune-eval``'s default). "imagenette-vit" / "imagenette-vit-prune": the
+# same two for the Imagenette teacher (issue 13; python/train_students.py --teacher imagenette-vit installs them,
+# a missing asset is reported by load_student).
 EMBEDDED_STUDENTS = {"cifar10-vit": ASSETS / "cifar10-vit-student",
-                     "cifar10-vit-prune": ASSETS / "cifar10-vit-prune-student"}
+                     "cifar10-vit-prune": ASSETS / "cifar10-vit-prune-student",
+                     "imagenette-vit": ASSETS / "imagenette-vit-student",
+                     "imagenette-vit-prune": ASSETS / "imagenette-vit-prune-student"}
 
 
 class CheckpointNotFoundError(FileNotFoundError, ValueError):
