@@ -8,6 +8,8 @@ Every variant trains with the same recipe (rollout_fast.teacher.RECIPES["cifar10
 
     python python/train_ltpa.py --recipe cifar10-ltpa --out runs/ltpa-cifar10
     python python/train_ltpa.py --recipe cifar10-ltpa --out runs/ltpa-cifar10 --only vgg,pc-softmax-after
+    python python/train_ltpa.py --recipe cifar10-ltpa-thumb --out runs/ltpa-cifar10-thumb --only pc-softmax-after \
+        --install   # the teacher-free token scorer (prune-eval --scorers ltpa --scorer-model cifar10-ltpa-thumb)
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ VARIANTS = ("vgg", "pc-softmax-after", "pc-sigmoid-after", "dp-softmax-after", "
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", choices=["cifar10-ltpa", "imagenette-ltpa"], default="cifar10-ltpa")
+    p.add_argument("--recipe", default="cifar10-ltpa",
+                   choices=["cifar10-ltpa", "imagenette-ltpa", "cifar10-ltpa-thumb", "imagenette-ltpa-thumb"],
+                   help="the -thumb recipes train on the pruning students' thumbnail (16 / 28 px)")
     p.add_argument("--data", default=None, help="default: ../shared/data/cifar10 or ../shared/data/imagenette")
     p.add_argument("--out", default=None, help="default: runs/RECIPE")
     p.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")

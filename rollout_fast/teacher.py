@@ -10,8 +10,10 @@ transform (resize to ``img_size / crop_pct``, centre crop). The architecture is 
 
 Named recipes (:data:`RECIPES`): ``cifar10-vit`` (the shipped CIFAR-10 teacher), ``imagenette-vit``
 (112 px photographs, 8 px patches: DeiT's 14 x 14 + 1 token layout), and the Learn to Pay Attention
-classifiers ``cifar10-ltpa`` / ``imagenette-ltpa`` (SGD + step decay; the variant is ``arch["variant"]``). A recipe can also be a JSON file of
-:class:`TeacherConfig` fields.
+classifiers ``cifar10-ltpa`` / ``imagenette-ltpa`` (SGD + step decay; the variant is ``arch["variant"]``) and
+their thumbnail versions ``cifar10-ltpa-thumb`` (16 px) / ``imagenette-ltpa-thumb`` (28 px), classifiers of the
+image the pruning students see (``source_size``). A recipe can also be a JSON file of :class:`TeacherConfig`
+fields.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class TeacherConfig:
     ``optimizer`` is 'adamw' or 'sgd' (with ``momentum``), ``schedule`` 'cosine' (linear warm-up + cosine
     decay per step) or 'step' (warm-up, then the rate times ``step_gamma`` at each epoch in ``step_epochs``).
     ``arch["type"] == "attnvgg"`` trains a Learn to Pay Attention model (:func:`rollout_fast.ltpa.create_attnvgg`).
+    ``source_size``: None, or the side (px) at which the augmentation runs (the crop of ``augment`` is
+    ``source_size`` px), the result then resized to ``arch["img_size"]`` (bilinear, antialiased): a classifier
+    of thumbnails, as a student sees the augmented teacher input downscaled (evaluation: timm's eval transform
+    at ``img_size`` as for any model).
     """
 
     epochs: int = 12
@@ -91,6 +97,7 @@ class TeacherConfig:
     schedule: str = "cosine"
     step_epochs: tuple = ()
     step_gamma: float = 0.1
+    source_size: int | None = None
 
     def __post_init__(self):
         for name in ("rrc_scale", "mean", "std", "class_names", "step_epochs"):  # JSON gives lists
@@ -128,6 +135,17 @@ RECIPES["imagenette-ltpa"] = replace(
     arch=dict(LTPA_ARCH, img_size=112, width=0.125),
     augment="rrc", rrc_scale=(0.35, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
     eval_split="val", class_names=None, data_source=RECIPES["imagenette-vit"].data_source)
+# Teacher-free token scorers (issue 14): the same recipes on the thumbnail the pruning students see (CIFAR-10:
+# 16 px of the 32 px teacher input, Imagenette: 28 px of 112 px), augmented at the teacher's size then
+# downscaled. Both sizes are AttnVGG sizes (m = 16 and 28 entering block 3; 'after' maps 8/4/2 and 14/7/4, so
+# level 1 at 16 px is the CIFAR teacher's 8x8 grid). Width 0.125: 0.31 M parameters, 15.0 M MACs per 16 px
+# image (the shipped CIFAR pruning student: 10.5 M) and 46.1 M per 28 px image.
+RECIPES["cifar10-ltpa-thumb"] = replace(
+    RECIPES["cifar10-ltpa"], name="cifar10-ltpa-thumb", arch=dict(LTPA_ARCH, img_size=16, width=0.125),
+    source_size=32)
+RECIPES["imagenette-ltpa-thumb"] = replace(
+    RECIPES["imagenette-ltpa"], name="imagenette-ltpa-thumb", batch_size=128,
+    arch=dict(LTPA_ARCH, img_size=28, width=0.125), source_size=112)
 
 
 def load_recipe(recipe: str | os.PathLike, **overrides) -> TeacherConfig:
@@ -174,6 +192,10 @@ def check_config(cfg: TeacherConfig) -> None:
                          f"patch_size={patch!r}")
     if not 0 < cfg.crop_pct <= 1:
         raise ValueError(f"crop_pct: expected a value in (0, 1], got {cfg.crop_pct}")
+    src = cfg.source_size
+    if src is not None and (isinstance(src, bool) or not isinstance(src, int) or not isinstance(img, int)
+                            or src < img):
+        raise ValueError(f"source_size: expected None or an int >= arch img_size ({img!r}), got {src!r}")
 
 
 @torch.no_grad()
@@ -205,9 +227,11 @@ def _train_transform(cfg: TeacherConfig):
     from torchvision import transforms as T
 
     size = cfg.arch["img_size"]
-    crop = (T.RandomCrop(size, padding=4) if cfg.augment == "crop-pad"
-            else T.RandomResizedCrop(size, scale=cfg.rrc_scale, interpolation=T.InterpolationMode.BICUBIC))
-    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    src = cfg.source_size or size
+    crop = (T.RandomCrop(src, padding=4) if cfg.augment == "crop-pad"
+            else T.RandomResizedCrop(src, scale=cfg.rrc_scale, interpolation=T.InterpolationMode.BICUBIC))
+    thumb = [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True)] if src != size else []
+    return T.Compose([crop, T.RandomHorizontalFlip(), *thumb, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
 
 
 def _datasets(data: str | os.PathLike, cfg: TeacherConfig):
