@@ -127,22 +127,27 @@ def test_save_and_load_round_trip(tmp_path):
         load_student(str(tmp_path / "missing.safetensors"))
 
 
-@pytest.mark.parametrize("name, target", [("cifar10-vit", "rollout"), ("cifar10-vit-prune", "grad-rollout")])
-def test_shipped_students_for_the_embedded_teacher(name, target):
+@pytest.mark.parametrize("name, teacher, target, size, grid", [
+    ("cifar10-vit", "cifar10-vit", "rollout", 32, 8), ("cifar10-vit-prune", "cifar10-vit", "grad-rollout", 32, 8),
+    ("imagenette-vit", "imagenette-vit", "rollout", 112, 14),
+    ("imagenette-vit-prune", "imagenette-vit", "grad-rollout", 112, 14)])
+def test_shipped_students_for_the_embedded_teacher(name, teacher, target, size, grid):
     path = EMBEDDED_STUDENTS[name].with_suffix(".safetensors")
     if not path.is_file():
         pytest.skip(f"the shipped student is not installed yet ({path})")
     assert path.stat().st_size <= 5 * 2 ** 20
     student, card = load_student(name)
-    assert isinstance(student, RolloutStudent) and card["teacher"] == "cifar10-vit"
+    assert isinstance(student, RolloutStudent) and card["teacher"] == teacher
     assert card["rollout"].get("target", "rollout") == target and card["rollout"]["discard_ratio"] == 0.0
     assert "recall@0.5" in card["metrics"]["centred"]
-    out = student(torch.randn(3, 3, 32, 32))
-    assert out.shape == (3, 8, 8) and torch.isfinite(out).all()
+    assert card["cost"]["macs_relative_to_teacher_forward"] <= 0.10
+    out = student(torch.randn(3, 3, size, size))
+    assert out.shape == (3, grid, grid) and torch.isfinite(out).all()
 
 
 def test_pruning_student_name():
     assert pruning_student_name("cifar10-vit") == "cifar10-vit-prune"
+    assert pruning_student_name("imagenette-vit") == "imagenette-vit-prune"
     assert pruning_student_name("vit_small_patch16_224") == "vit_small_patch16_224"
 
 
