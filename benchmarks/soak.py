@@ -6,16 +6,20 @@
     teacher ``cifar10-vit`` in one process, one batch per call (``--batch`` images, overlays written), RSS
     (/proc/self/status VmRSS) and open file handles (/proc/self/fd) recorded after each batch.
 (b) the same images (``--rounds`` passes) through one shared :class:`rollout_fast.AttentionRollout` from
-    ``--threads`` threads (batch i goes to thread i mod T, same batch boundaries as (a)); every map compared with (a)'s; RSS and
-    handles likewise; forward hooks / pre-hooks on every module counted before and after.
+    ``--threads`` threads (batch i goes to thread i mod T, same batch boundaries as (a)); every map compared with (a)'s
+    in the thread that made it, which keeps only the comparison (as a service answering requests keeps nothing:
+    ``--keep-maps`` holds every map to the end instead, which the allocator's per-thread arenas turn into RSS
+    growth, README Performance); RSS and handles likewise; forward hooks / pre-hooks on every module counted
+    before and after.
 (c) a tiny ``train-teacher`` run (1-block ViT, ``--per-class`` real CIFAR training images per class) launched
     as a subprocess, SIGKILLed ``--kills`` times at seeded random moments (some of them while a
     ``last.pt`` write is in progress: killed when its temp file appears) and resumed (``--resume``) each time
     until it finishes; its final ``last.pt`` (model, optimizer, scheduler, RNG states) and
     ``teacher.safetensors`` (bytes) are compared with an uninterrupted run's. Once per ``--workers`` value.
 
-Flat: after ``--warmup-images`` images ((b): after its first round), RSS never exceeds its post-warm-up value by more than ``--rss-tol-mb`` and
-the handle count never exceeds its post-warm-up value. Writes ``OUT/soak.json`` and prints a table;
+Flat: after ``--warmup-images`` images ((b): ``--warmup-rounds`` rounds), the mean RSS of every window (``--window-images``
+images; (b): a round) stays within ``--rss-tol-mb`` of the first post-warm-up window's, and the handle count never
+exceeds its post-warm-up value. Writes ``OUT/soak.json`` and prints a table;
 exit status 1 if a check fails.
 """
 
@@ -55,20 +59,43 @@ def sample(done: int) -> dict:
     return {"images": done, "rss_mb": round(rss_mb(), 2), "fds": open_handles()}
 
 
-def flatness(samples: list[dict], warmup_images: int, tol_mb: float) -> dict:
-    """start/end/max of RSS and handles, growth after warm-up, slope (MB per 1000 images), flat or not."""
+def flatness(samples: list[dict], warmup_images: int, window_images: int, tol_mb: float) -> dict:
+    """RSS and handles after warm-up, judged on windows of ``window_images`` images ((a): 500 images, (b): one
+    round): ``flat`` when every post-warm-up window's mean RSS lies within ``tol_mb`` of the first one's (a trend,
+    not the allocator's swings between samples: glibc keeps freed memory in its per-thread arenas and returns it
+    unevenly) and the handle count never exceeds its post-warm-up value. Also start/end/max, the largest single
+    sample above the first post-warm-up one, and the slope of a line fitted after warm-up (MB per 1000 images)."""
     rss = np.array([s["rss_mb"] for s in samples])
     fds = np.array([s["fds"] for s in samples])
     imgs = np.array([s["images"] for s in samples], dtype=float)
     w = min(int(np.searchsorted(imgs, warmup_images)), len(samples) - 2)
     slope = float(np.polyfit(imgs[w:], rss[w:], 1)[0] * 1000) if len(samples) - w >= 2 else 0.0
-    growth = float(rss[w:].max() - rss[w])
+    edges = np.arange(imgs[w], imgs[-1], window_images)
+    means = [float(rss[(imgs > lo) & (imgs <= lo + window_images)].mean()) for lo in edges
+             if ((imgs > lo) & (imgs <= lo + window_images)).any()]
+    if len(means) < 2:
+        raise SystemExit(f"soak: fewer than 2 windows of {window_images} images after warm-up: run more images "
+                         "or rounds")
+    trend = max(means) - means[0]
     return {"rss_start_mb": float(rss[0]), "rss_after_warmup_mb": float(rss[w]), "rss_end_mb": float(rss[-1]),
-            "rss_max_mb": float(rss.max()), "rss_growth_after_warmup_mb": round(growth, 2),
-            "rss_slope_mb_per_1000_images": round(slope, 3), "fds_start": int(fds[0]),
-            "fds_after_warmup": int(fds[w]), "fds_end": int(fds[-1]), "fds_max": int(fds.max()),
-            "warmup_images": int(imgs[w]), "rss_tolerance_mb": tol_mb,
-            "flat": bool(growth <= tol_mb and fds[w:].max() <= fds[w])}
+            "rss_max_mb": float(rss.max()), "rss_peak_above_warmup_mb": round(float(rss[w:].max() - rss[w]), 2),
+            "rss_slope_mb_per_1000_images": round(slope, 3), "window_images": window_images,
+            "rss_window_means_mb": [round(m, 1) for m in means], "rss_trend_mb": round(trend, 2),
+            "fds_start": int(fds[0]), "fds_after_warmup": int(fds[w]), "fds_end": int(fds[-1]),
+            "fds_max": int(fds.max()), "warmup_images": int(imgs[w]), "rss_tolerance_mb": tol_mb,
+            "flat": bool(trend <= tol_mb and fds[w:].max() <= fds[w])}
+
+
+def live_tensors() -> dict:
+    """Tensors reachable from Python after a garbage collection: count and MB (a leak of results or hook state
+    shows here exactly, where RSS would hide it in the allocator's noise)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    ts = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    return {"count": len(ts), "mb": round(sum(t.untyped_storage().nbytes() for t in ts) / 2**20, 2)}
 
 
 def hook_counts(model) -> dict:
@@ -106,10 +133,13 @@ def soak_single(files, out: Path, model, data_config, batch: int, overlays: bool
     return np.concatenate(maps), samples, time.perf_counter() - t0
 
 
-def soak_threads(files, model, data_config, batch: int, threads: int, rounds: int
-                 ) -> tuple[np.ndarray, list[dict], float]:
+def soak_threads(files, model, data_config, batch: int, threads: int, rounds: int, ref: np.ndarray,
+                 keep_maps: bool = False) -> tuple[np.ndarray, list[dict], float, list[dict]]:
     """(b): one shared AttentionRollout, batch i on thread i mod ``threads``, ``rounds`` times over the files
-    (fresh threads each round); maps (rounds, N, gh, gw) in file order."""
+    (fresh threads each round); each map compared with ``ref`` ((a)'s maps, (N, gh, gw)) in its thread.
+    Returns the per-image max |map - ref| (rounds, N), the samples, the seconds and the live tensors after each
+    round (:func:`live_tensors`); with ``keep_maps`` every map is also held until the end (the comparison is then
+    made after the last round)."""
     import torch
     from timm.data import create_transform
 
@@ -119,22 +149,29 @@ def soak_threads(files, model, data_config, batch: int, threads: int, rounds: in
     explainer = AttentionRollout(model)
     transform = create_transform(**data_config)
     starts = list(range(0, len(files), batch)) * rounds
-    maps: list = [None] * len(starts)
+    diffs = np.full((rounds, len(files)), np.inf)
+    kept: list = [None] * len(starts)
     samples, lock, errors = [sample(0)], threading.Lock(), []
     done = [0]
+    per_round = len(starts) // rounds
 
     def work(first: int, stop: int) -> None:
         try:
             for j in range(first, stop, threads):
-                x = torch.stack([transform(load_image(f)) for f in files[starts[j]:starts[j] + batch]])
-                maps[j] = explainer(x).numpy()
+                s0 = starts[j]
+                x = torch.stack([transform(load_image(f)) for f in files[s0:s0 + batch]])
+                m = explainer(x).numpy()
+                if keep_maps:
+                    kept[j] = m
+                else:
+                    diffs[j // per_round, s0:s0 + len(m)] = np.abs(m - ref[s0:s0 + len(m)]).reshape(len(m), -1).max(1)
                 with lock:
                     done[0] += len(x)
                     samples.append(sample(done[0]))
         except Exception as e:  # noqa: BLE001 (re-raised by the main thread)
             errors.append(e)
 
-    t0, per_round = time.perf_counter(), len(starts) // rounds
+    t0, live = time.perf_counter(), []
     for r in range(rounds):
         pool = [threading.Thread(target=work, args=(r * per_round + t, per_round * (r + 1)))
                 for t in range(threads)]
@@ -144,7 +181,13 @@ def soak_threads(files, model, data_config, batch: int, threads: int, rounds: in
             th.join()
         if errors:
             raise errors[0]
-    return np.concatenate(maps).reshape(rounds, len(files), *maps[0].shape[1:]), samples, time.perf_counter() - t0
+        live.append(live_tensors())
+    seconds = time.perf_counter() - t0
+    if keep_maps:
+        for j, m in enumerate(kept):
+            s0 = starts[j]
+            diffs[j // per_round, s0:s0 + len(m)] = np.abs(m - ref[s0:s0 + len(m)]).reshape(len(m), -1).max(1)
+    return diffs, samples, seconds, live
 
 
 def run_rollout_soak(args, out: Path) -> dict:
@@ -159,18 +202,21 @@ def run_rollout_soak(args, out: Path) -> dict:
     ref, samples_a, sec_a = soak_single(files, out / "single", model, data_config, args.batch,
                                           not args.no_overlays)
     hooks_mid = hook_counts(model)
-    got, samples_b, sec_b = soak_threads(files, model, data_config, args.batch, args.threads, args.rounds)
+    diff, samples_b, sec_b, live_b = soak_threads(files, model, data_config, args.batch, args.threads, args.rounds, ref,
+                                          args.keep_maps)
     hooks_after = hook_counts(model)
-    diff = np.abs(got - ref[None]).reshape(-1, *ref.shape[1:])
+    diff = diff.reshape(-1)
     return {
         "images": len(files), "batch": args.batch, "threads": args.threads,
-        "single": {**flatness(samples_a, args.warmup_images, args.rss_tol_mb), "seconds": round(sec_a, 2),
+        "single": {**flatness(samples_a, args.warmup_images, args.window_images, args.rss_tol_mb),
+                   "seconds": round(sec_a, 2),
                    "samples": samples_a},
-        "threaded": {**flatness(samples_b, len(files) if args.rounds > 1 else args.warmup_images,
-                               args.rss_tol_mb), "rounds": args.rounds, "seconds": round(sec_b, 2),
-                     "samples": samples_b},
+        "threaded": {**flatness(samples_b, args.warmup_rounds * len(files), len(files), args.rss_tol_mb),
+                     "rounds": args.rounds, "seconds": round(sec_b, 2), "samples": samples_b,
+                     "live_tensors_per_round": live_b,
+                     "live_tensors_flat": all(x == live_b[args.warmup_rounds - 1] for x in live_b[args.warmup_rounds:])},
         "maps_shape": list(ref.shape), "maps_max_abs_diff": float(diff.max()),
-        "maps_compared": len(diff), "maps_unequal": int((diff.reshape(len(diff), -1).max(1) > 0).sum()),
+        "maps_compared": len(diff), "maps_unequal": int((diff > 0).sum()), "maps_kept": args.keep_maps,
         "maps_equal": bool((diff == 0).all()),
         "hooks_before": hooks_before, "hooks_after_single": hooks_mid, "hooks_after_threads": hooks_after,
         "hooks_unchanged": hooks_before == hooks_mid == hooks_after,
@@ -329,15 +375,19 @@ def print_table(res: dict) -> None:
             s = r[name]
             rss = [f"{s[k]:.1f}" for k in ("rss_start_mb", "rss_after_warmup_mb", "rss_end_mb", "rss_max_mb")]
             rows.append((f"(a/b) {name}: RSS MB start/warm/end/max", " / ".join(rss)))
-            growth = (f"{s['rss_growth_after_warmup_mb']:.1f} MB, {s['rss_slope_mb_per_1000_images']:.2f} "
-                      f"MB/1000 img (tol {s['rss_tolerance_mb']} MB)")
-            rows.append((f"(a/b) {name}: RSS growth after warm-up, slope", growth))
+            means = ", ".join(f"{m:.0f}" for m in s["rss_window_means_mb"])
+            rows.append((f"(a/b) {name}: RSS mean per {s['window_images']} images", f"{means} MB"))
+            growth = (f"{s['rss_trend_mb']:.1f} MB (tol {s['rss_tolerance_mb']} MB), "
+                      f"{s['rss_slope_mb_per_1000_images']:.2f} MB/1000 img, peak +{s['rss_peak_above_warmup_mb']:.0f} MB")
+            rows.append((f"(a/b) {name}: RSS trend after warm-up, slope, peak", growth))
             fds = [str(s[k]) for k in ("fds_start", "fds_after_warmup", "fds_end", "fds_max")]
             rows.append((f"(a/b) {name}: fds start/warm/end/max", " / ".join(fds)))
             rows.append((f"(a/b) {name}: flat, seconds", f"{s['flat']}, {s['seconds']}"))
         equal = (f"{r['maps_equal']} (max |diff| {r['maps_max_abs_diff']:.3g}, {r['maps_unequal']} of "
                  f"{r['maps_compared']} differ)")
         rows.append(("(b) maps equal to single-threaded", equal))
+        rows.append(("(b) live tensors after each round", ", ".join(
+            f"{x['count']} ({x['mb']:.1f} MB)" for x in r["threaded"]["live_tensors_per_round"])))
         rows.append(("(b) hooks before / after (fwd, pre)", " / ".join(
             f"{h['forward_hooks']},{h['forward_pre_hooks']}" for h in (r["hooks_before"], r["hooks_after_threads"]))))
     for f in res.get("faults", []):
@@ -361,8 +411,13 @@ def main(argv=None) -> int:
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--warmup-images", type=int, default=500,
                    help="(a) images before the flatness check starts ((b) with --rounds > 1: its first round)")
-    p.add_argument("--rounds", type=int, default=3, help="(b) passes over the images")
+    p.add_argument("--window-images", type=int, default=500, help="(a) images per window of the flatness check")
+    p.add_argument("--rounds", type=int, default=6, help="(b) passes over the images")
+    p.add_argument("--warmup-rounds", type=int, default=2,
+                   help="(b) rounds before the flatness check starts (each thread's allocator arena fills first)")
     p.add_argument("--rss-tol-mb", type=float, default=32.0)
+    p.add_argument("--keep-maps", action="store_true",
+                   help="(b) hold every map until the end instead of comparing it in its thread at once")
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--epochs", type=int, default=6)
@@ -373,6 +428,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "soak")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    if not 1 <= args.warmup_rounds < args.rounds - 1:
+        p.error(f"--warmup-rounds: expected 1 <= N < --rounds - 1 (two rounds to compare after warm-up), got "
+                f"{args.warmup_rounds} with --rounds {args.rounds}")
     if args.out.exists() and any(args.out.iterdir()):
         if not args.overwrite:
             print(f"--out: {str(args.out)!r} is not empty; pass --overwrite to replace it", file=sys.stderr)
@@ -391,7 +449,8 @@ def main(argv=None) -> int:
              for f in res.get("faults", []))
     if "rollout" in res:
         r = res["rollout"]
-        ok = ok and r["maps_equal"] and r["hooks_unchanged"] and r["single"]["flat"] and r["threaded"]["flat"]
+        ok = (ok and r["maps_equal"] and r["hooks_unchanged"] and r["single"]["flat"] and r["threaded"]["flat"]
+              and r["threaded"]["live_tensors_flat"])
     print(f"all checks passed: {ok}; figures in {args.out / 'soak.json'}")
     return 0 if ok else 1
 

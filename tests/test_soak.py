@@ -76,7 +76,8 @@ def test_soak_small(tmp_path):
         pytest.skip(f"real CIFAR-10 data not found at {CIFAR10} (set ROLLOUT_FAST_SHARED)")
     out = tmp_path / "soak"
     cmd = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--data", str(CIFAR10), "--limit", "200",
-           "--batch", "20", "--warmup-images", "100", "--rounds", "2", "--rss-tol-mb", "64", "--no-overlays",
+           "--batch", "20", "--warmup-images", "100", "--window-images", "50", "--rounds", "3",
+           "--warmup-rounds", "1", "--rss-tol-mb", "64", "--no-overlays",
            "--kills", "3", "--workers", "0", "2", "--epochs", "3", "--per-class", "10", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600, check=False)
