@@ -41,6 +41,9 @@ In-network baselines (tokens reduced between blocks): ``reduce_tokens(model, 'to
 keep_ratio=1.0)`` (ATS, Fayyaz et al. ECCV 2022, training-free: an adaptive count per image), a
 :func:`register_method` registry in :mod:`~rollout_fast.prune.inner`, methods in :mod:`~rollout_fast.prune.merge`,
 :mod:`~rollout_fast.prune.evit` and :mod:`~rollout_fast.prune.ats`.
+Ours, after a scorer: ``prune_and_reduce(model, 1.0, 'student', 'smerge', {'keep_ratio': 0.375})``, the student's
+best tokens kept and the others merged into their most similar kept token before the blocks
+(:mod:`~rollout_fast.prune.smerge`).
 
 Modules: :mod:`~rollout_fast.prune.keep` (keep ratios), :mod:`~rollout_fast.prune.scorers` (scorers and
 their registry), :mod:`~rollout_fast.prune.model` (:class:`TokenPruner`, :class:`PrunedViT`,
@@ -58,6 +61,7 @@ from .inner import METHODS, ReducedViT, TokenReducer, method_names, reduce_token
 from .keep import check_keep_ratio, keep_count
 from .merge import ToMe
 from .model import PrunedViT, TokenPruner, prune_tokens
+from .smerge import ScoredMerge
 from .report import format_table, plot_prune_eval, write_prune_eval
 from .scorers import (
     SCORERS,
@@ -89,6 +93,7 @@ __all__ = [
     "RandomScorer",
     "ReducedViT",
     "RolloutScorer",
+    "ScoredMerge",
     "StudentScorer",
     "ToMe",
     "TokenPruner",

@@ -18,7 +18,10 @@ A new method is one :func:`register_method` entry: a :class:`TokenReducer` subcl
 ``bind`` (check the settings against the model, raise at build time), ``plan`` (tokens entering each block),
 ``uses_sdpa`` / ``sdpa`` (what to read from, or add to, a block's SDPA call) and ``after`` (reduce the tokens
 at the block's output), and optionally ``operating_points`` (the settings ``rollout-fast prune-eval --methods``
-evaluates when none are given). It is then usable alone (``prune-eval --methods NAME:KEY=...``) and after a
+evaluates when none are given). A method that ranks tokens by a pre-block scorer's scores sets ``uses_scores``
+(it then runs only after a scorer, which computes the scores and drops nothing itself: ``state['scores']``,
+(B, N - P), aligned with the non-prefix tokens entering the first block) and may reduce the tokens before the
+first block too (``before``). It is then usable alone (``prune-eval --methods NAME:KEY=...``) and after a
 pre-block scorer (:func:`prune_and_reduce`, ``--methods SCORER+NAME``) with no other change.
 
 Supported models: timm ``VisionTransformer`` and subclasses (vit_*, deit_* incl. distilled, register tokens,
@@ -79,6 +82,8 @@ class TokenReducer:
     num_prefix_tokens = 0
     # settings -> values that prune-eval --methods evaluates by default (one operating point per value)
     operating_points: ClassVar[dict[str, tuple]] = {}
+    # True: ranks tokens by a pre-block scorer's scores (state['scores']); only usable after a scorer
+    uses_scores: ClassVar[bool] = False
 
     def extra_repr(self) -> str:
         return ""
@@ -95,6 +100,10 @@ class TokenReducer:
         """Tokens entering each block, then leaving the last, for ``num_tokens`` input tokens; raises
         ValueError when the settings cannot apply to that many tokens."""
         raise NotImplementedError
+
+    def before(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """The tokens ``x`` (B, N, D) entering the first block, reduced (default: unchanged)."""
+        return x
 
     def uses_sdpa(self, block: int, state: dict) -> bool:
         """Whether block ``block``'s SDPA call must be intercepted."""
@@ -164,9 +173,10 @@ class _SDPATap(TorchFunctionMode):
 class ReducingBlocks(nn.Sequential):
     """The model's blocks (same modules, same keys) with ``reducer`` acting between them."""
 
-    def __init__(self, blocks, reducer: TokenReducer):
+    def __init__(self, blocks, reducer: TokenReducer, score_source=None):
         super().__init__(*blocks)
         object.__setattr__(self, "reducer", reducer)  # not a submodule
+        object.__setattr__(self, "score_source", score_source)  # () -> (B, N - P) scores, for uses_scores
 
     def __getitem__(self, idx):
         """A block, or (a slice) a plain ``nn.Sequential`` of the blocks: no reduction (a scorer running
@@ -179,6 +189,13 @@ class ReducingBlocks(nn.Sequential):
         red = self.reducer
         red.plan(x.shape[1])  # a dynamic-size input the settings cannot apply to fails here, with the reason
         state: dict = {"num_tokens": x.shape[1]}
+        if red.uses_scores:
+            scores = self.score_source() if self.score_source is not None else None
+            if scores is None:
+                raise RuntimeError(f"{red.name}: no scores for this forward; it runs after a scorer "
+                                   "(prune_and_reduce), called through the pruned model")
+            state["scores"] = scores
+        x = red.before(x, state)
         for i, blk in enumerate(self):
             if red.uses_sdpa(i, state):
                 with _SDPATap(red, i, state):
@@ -281,6 +298,10 @@ def reduce_tokens(model: nn.Module, method="tome", **settings) -> ReducedViT:
             without a class token; ATS on a model pooling over the tokens.
     """
     reducer = _make_reducer(method, settings)
+    if reducer.uses_scores:
+        raise ValueError(f"method: {reducer.name!r} ranks tokens by a scorer's scores; use it after one: "
+                         f"prune_and_reduce(model, 1.0, 'student', {reducer.name!r}, ...) or --methods "
+                         f"student+{reducer.name}")
     _require_reducible(model)
     img = getattr(model.patch_embed, "img_size", None)
     reducer.bind(model, token_layout(model, tuple(img) if img is not None else (224, 224)))
@@ -332,5 +353,13 @@ def prune_and_reduce(model: nn.Module, keep_ratio: float, scorer="student", meth
         reducer.plan(layout.num_prefix_tokens + kept)
     except ValueError as e:
         raise ValueError(f"{e} (after pre-selection keeps {kept} of {G} patch tokens)") from None
-    pruned.vit._modules["blocks"] = ReducingBlocks(model.blocks, reducer)  # pruned.vit owns its _modules
+    source = None
+    if reducer.uses_scores:
+        pruner = pruned.pruner
+        pruner.score_always = True  # the scores are computed (and kept in .pending) also when nothing is dropped
+
+        def source():
+            s, idx = pruner.pending, pruner.last_indices
+            return s if s is None or idx is None else s.gather(1, idx.to(s.device))
+    pruned.vit._modules["blocks"] = ReducingBlocks(model.blocks, reducer, source)  # pruned.vit owns its _modules
     return pruned

@@ -76,6 +76,7 @@ class TokenPruner(nn.Module):
         object.__setattr__(self, "_owner", None)     # the pruned model copy (set by prune_tokens)
         self.pending: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
+        self.score_always = False  # score also when nothing is dropped (an in-network method reads .pending)
 
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}, num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"
@@ -86,12 +87,16 @@ class TokenPruner(nn.Module):
         k = keep_count(self.keep_ratio, G)
         if k >= G:
             self.last_indices = None
+            if self.score_always and self.pending is None and self._scorer is not None and self._scorer.uses_tokens:
+                self.pending = self._scorer.score_tokens(self._owner, x)
             return x
         scores = self.pending
         if scores is None:
             if self._scorer is None or not self._scorer.uses_tokens or self._owner is None:
                 raise RuntimeError("TokenPruner: no scores for this forward; call the PrunedViT, not its .vit")
             scores = self._scorer.score_tokens(self._owner, x)
+            if self.score_always:
+                self.pending = scores
         if tuple(scores.shape) != (x.shape[0], G):
             raise ValueError(f"scorer: scores of shape {tuple(scores.shape)} for {x.shape[0]} images of "
                              f"{G} patch tokens")
@@ -168,7 +173,7 @@ class PrunedViT(nn.Module):
         pruner = self.pruner
         if scores is not None:
             scores = check_scores(scores, images.shape[0], layout.grid, "scores")
-        elif keep_count(self.keep_ratio, G) < G and not self.scorer.uses_tokens:
+        elif (keep_count(self.keep_ratio, G) < G or pruner.score_always) and not self.scorer.uses_tokens:
             who = f"scorer {getattr(self.scorer, 'name', '')!r}".replace(" ''", "")
             scores = check_scores(self.scorer.score(self.original, images), images.shape[0], layout.grid, who)
         pruner.pending = scores

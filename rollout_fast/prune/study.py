@@ -257,7 +257,7 @@ def parse_method(text: str) -> MethodSpec:
             if (kind, key) in given:
                 raise ValueError(f"{raw.strip()}: given twice")
             given[(kind, key)] = _check_values(kind, key, _values(values, raw.strip()))
-        if scorer is not None:
+        if scorer is not None and not _scored(reducer):
             given.setdefault(("scorer", "keep_ratio"), list(PRESELECT_POINTS))
         if reducer is not None:
             for key, values in METHODS[reducer].operating_points.items():
@@ -287,8 +287,16 @@ def _method_parts(name: str) -> tuple[str | None, str | None]:
                      f"({', '.join(methods)}) or SCORER+METHOD (e.g. student+tome)")
 
 
-def _keys(kind: str, name: str) -> tuple[str, ...]:
-    return _SCORER_KEYS if kind == "scorer" else method_settings(name)
+def _scored(reducer: str | None) -> bool:
+    """Whether in-network method ``reducer`` ranks tokens by the scorer's scores (``smerge``): its scorer then
+    drops nothing itself (keep 1.0) and ``keep`` is the method's."""
+    return reducer is not None and METHODS[reducer].uses_scores
+
+
+def _keys(kind: str, name: str, reducer: str | None = None) -> tuple[str, ...]:
+    if kind == "scorer":
+        return ("seed",) if _scored(reducer) else _SCORER_KEYS
+    return method_settings(name)
 
 
 def _setting_key(raw: str, scorer: str | None, reducer: str | None) -> tuple[str, str]:
@@ -301,9 +309,9 @@ def _setting_key(raw: str, scorer: str | None, reducer: str | None) -> tuple[str
         if not parts:
             raise ValueError(f"{raw}: {prefix!r} is not part of this method")
     for kind, name in parts:
-        if key in _keys(kind, name):
+        if key in _keys(kind, name, reducer):
             return kind, key
-    known = [k for kind, name in parts for k in _keys(kind, name)]
+    known = [k for kind, name in parts for k in _keys(kind, name, reducer)]
     note = " (keep = keep_ratio)" if "keep_ratio" in known else ""
     raise ValueError(f"unknown setting {raw!r}; expected one of {known}{note}")
 
@@ -342,7 +350,7 @@ def _check_values(kind: str, key: str, values: list) -> list:
 
 def _label(kind: str, key: str, value, scorer, reducer) -> str:
     shown = "keep" if key == "keep_ratio" else key
-    if kind == "reducer" and scorer is not None and key in _SCORER_KEYS:
+    if kind == "reducer" and scorer is not None and key in _SCORER_KEYS and not _scored(reducer):
         shown = f"{reducer}.{shown}"
     return f"{shown}={json.dumps(value, separators=(',', ':'))}"
 
@@ -409,13 +417,14 @@ def _build_one(model, spec: MethodSpec, pt: OperatingPoint, scorers: dict, optio
     key = (spec.scorer, pt.scorer.get("seed", 0))
     if key not in scorers:
         scorers[key] = make_scorer(spec.scorer, seed=key[1], **options)
-    sc, keep = scorers[key], pt.scorer["keep_ratio"]
+    sc, keep = scorers[key], pt.scorer.get("keep_ratio", 1.0)  # 1.0: a method ranking by the scores (smerge)
     k = keep_count(keep, G)
     if spec.reducer is None:
         return BuiltMethod(spec.name, pt.label, prune_tokens(model, keep, sc), sc, key, k < G, [P + k] * depth)
     module = prune_and_reduce(model, keep, sc, spec.reducer, pt.reducer)
     reducer = module.vit.blocks.reducer
-    return BuiltMethod(spec.name, pt.label, module, sc, key, k < G, reducer.plan(P + k)[:-1], reducer)
+    return BuiltMethod(spec.name, pt.label, module, sc, key, k < G or reducer.uses_scores, reducer.plan(P + k)[:-1],
+                       reducer)
 
 
 def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, methods: Sequence[str | MethodSpec],
