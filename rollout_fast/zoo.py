@@ -24,7 +24,9 @@ __all__ = ["ASSETS", "EMBEDDED_STUDENTS", "EMBEDDED_TEACHERS", "INSTALLABLE_MODE
            "load_student", "load_teacher", "pruning_student_name", "teacher_card"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED_TEACHERS = {"cifar10-vit": ASSETS / "cifar10-vit"}
+EMBEDDED_TEACHERS = {"cifar10-vit": ASSETS / "cifar10-vit",
+                     # the second, smaller CIFAR-10 ViT: a cross-model scorer (prune-eval --scorer-model, issue 16)
+                     "cifar10-vit-small": ASSETS / "cifar10-vit-small"}
 # Classifiers a recipe script installs into ASSETS as NAME.safetensors + NAME.json (load_teacher(NAME) once
 # there), with the command that trains and installs each: the Learn to Pay Attention models (issue 14; the
 # -thumb ones classify the students' thumbnail) and the Imagenette ViT teacher.

@@ -66,6 +66,42 @@ def test_embedded_teacher_accuracy_on_fixed_test_slice(cifar10_test):
     assert abs(acc - SLICE_TOP1_EVAL) <= TOL, acc
 
 
+SMALL_SLICE_TOP1_FP32, SMALL_SLICE_TOP1_EVAL = 0.690, 0.688  # cifar10-vit-small on SLICE, measured likewise
+
+
+def test_small_embedded_teacher_shares_the_teachers_grid():
+    """cifar10-vit-small, the cross-model scorer of issue 16: a second CIFAR-10 ViT (depth 4, width 64, 2 heads,
+    0.22 M parameters) on the teacher's input and 8 x 8 patch grid, so its rollout can choose the teacher's tokens."""
+    small, small_cfg = load_teacher("cifar10-vit-small")
+    big, big_cfg = load_teacher("cifar10-vit")
+    assert isinstance(small, timm.models.VisionTransformer) and not small.training
+    assert len(small.blocks) == 4 and small.embed_dim == 64 and small.blocks[0].attn.num_heads == 2
+    assert sum(p.numel() for p in small.parameters()) == 223802
+    assert small.patch_embed.grid_size == big.patch_embed.grid_size == (8, 8)
+    assert small_cfg == big_cfg
+    card = teacher_card("cifar10-vit-small")
+    assert card["class_names"] == teacher_card()["class_names"] and card["test_top1"] == 0.6992
+    assert "--name cifar10-vit-small --embed-dim 64 --depth 4 --num-heads 2" in card["command"]
+
+
+@pytest.mark.slow
+def test_small_embedded_teacher_accuracy_on_fixed_test_slice(cifar10_test):
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader, Subset
+
+    from rollout_fast.data import image_folder
+
+    model, cfg = load_teacher("cifar10-vit-small")
+    ds = Subset(image_folder(cifar10_test, create_transform(**cfg)), list(SLICE))
+    correct = 0
+    with torch.inference_mode():
+        for x, y in DataLoader(ds, batch_size=250):
+            correct += int((model(x).argmax(-1) == y).sum())
+    assert abs(correct / 1000 - SMALL_SLICE_TOP1_FP32) <= TOL, correct
+    acc = evaluate_folder(model, cfg, cifar10_test, indices=SLICE, progress=False)
+    assert abs(acc - SMALL_SLICE_TOP1_EVAL) <= TOL, acc
+
+
 def test_local_card_checkpoint_round_trip(tmp_path):
     model, _ = load_teacher("cifar10-vit")
     path = tmp_path / "copy.safetensors"
