@@ -109,6 +109,14 @@ class TokenReducer:
         """Whether block ``block``'s SDPA call must be intercepted."""
         return False
 
+    def attn_mask(self, block: int, state: dict) -> torch.Tensor | None:
+        """An additive float mask (B, 1, 1, N) for block ``block``'s attention that needs nothing from its SDPA
+        call (ToMe's proportional attention), or None. Passed as the block's own ``attn_mask`` argument where
+        its forward takes one (timm's ``Block``), so the block runs without the SDPA interception (whose
+        per-op Python dispatch dominates at batch 1); otherwise the block is intercepted and :meth:`sdpa`
+        must return the same mask."""
+        return None
+
     def sdpa(self, block: int, q, k, v, mask, scale: float, state: dict) -> torch.Tensor | None:
         """See the block's SDPA call; return an additive float mask broadcastable to (B, H, N, N), or None.
         ``state['num_tokens']``: the tokens entering the first block in this forward."""
@@ -170,6 +178,20 @@ class _SDPATap(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _takes_attn_mask(block: nn.Module) -> bool:
+    """Whether ``block.forward`` takes an ``attn_mask`` argument (timm >= 1.0's ``Block``), cached per class."""
+    cls = type(block)
+    if cls not in _TAKES_MASK:
+        try:
+            _TAKES_MASK[cls] = "attn_mask" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            _TAKES_MASK[cls] = False
+    return _TAKES_MASK[cls]
+
+
+_TAKES_MASK: dict[type, bool] = {}
+
+
 class ReducingBlocks(nn.Sequential):
     """The model's blocks (same modules, same keys) with ``reducer`` acting between them."""
 
@@ -197,9 +219,12 @@ class ReducingBlocks(nn.Sequential):
             state["scores"] = scores
         x = red.before(x, state)
         for i, blk in enumerate(self):
-            if red.uses_sdpa(i, state):
+            mask = red.attn_mask(i, state)
+            if red.uses_sdpa(i, state) or (mask is not None and not _takes_attn_mask(blk)):
                 with _SDPATap(red, i, state):
                     x = blk(x)
+            elif mask is not None:
+                x = blk(x, attn_mask=mask.to(x.dtype))
             else:
                 x = blk(x)
             x = red.after(i, x, state)

@@ -20,7 +20,10 @@ with the tokens; a merged token keeps its kept token's score), and each of the o
 - ``'drop'``: discarded (plain pruning by score at each stage).
 
 ``prop_attn`` (default True): ToMe's proportional attention, ``+ log(size)`` on each key's logits in every
-block after the first merge, so a token standing for ``s`` patches weighs as ``s`` of them in the softmax.
+block after the first merge, so a token standing for ``s`` patches weighs as ``s`` of them in the softmax. The
+bias goes in through the block's own ``attn_mask`` argument (timm's ``Block``; :meth:`TokenReducer.attn_mask`),
+so only the blocks whose keys a merge reads are intercepted: at batch 1 the interception's per-op Python
+dispatch in every block costs more than the tokens merged save.
 The prefix tokens (class, distillation, registers) are never candidates.
 
 Why: dropping tokens before the blocks throws away what they hold, merging inside the network (ToMe) keeps it
@@ -183,8 +186,13 @@ class ScoredMerge(TokenReducer):
         return x
 
     def uses_sdpa(self, block: int, state: dict) -> bool:
-        return (self.prop_attn and state.get("size") is not None) or \
-            (self.rest == "merge" and self._reduces(block, state))
+        return self.rest == "merge" and self._reduces(block, state)  # the keys: the merge metric
+
+    def attn_mask(self, block: int, state: dict):
+        size = state.get("size")
+        if self.prop_attn and size is not None:
+            return size.log()[:, None, None, :, 0]  # (B, 1, 1, N): + log s_j on key j
+        return None
 
     def sdpa(self, block: int, q, k, v, mask, scale, state: dict):
         if self.rest == "merge" and self._reduces(block, state):

@@ -206,3 +206,19 @@ def test_prune_eval_spec():
                           throughput_batches=(), student=StandInStudent((8, 8)), progress=False)
     rows = {r["setting"]: r for r in res["rows"]}
     assert rows["keep=1.0"]["top1"] == res["meta"]["full_top1"]
+
+
+def test_mask_through_the_block_or_the_interception_agree(monkeypatch):
+    """The proportional-attention bias goes in as the block's attn_mask (timm's Block takes one), or, for a
+    block whose forward does not take one, through the SDPA interception: the same output."""
+    from rollout_fast.prune import inner
+
+    model, x = tiny_vit(), images_for("vit", B=2)
+    student = StandInStudent((8, 8))
+    make = lambda: prune_and_reduce(model, 1.0, "student", "smerge", {"keep_ratio": [0.5, 0.25], "blocks": [0]},  # noqa: E731
+                                    scorer_options={"student": student})
+    with torch.no_grad():
+        direct = make()(x)
+        monkeypatch.setattr(inner, "_takes_attn_mask", lambda block: False)
+        tapped = make()(x)
+    torch.testing.assert_close(direct, tapped, rtol=1e-6, atol=1e-6)
