@@ -211,7 +211,7 @@ class ReducingBlocks(nn.Sequential):
         red = self.reducer
         red.plan(x.shape[1])  # a dynamic-size input the settings cannot apply to fails here, with the reason
         state: dict = {"num_tokens": x.shape[1]}
-        if red.uses_scores:
+        if red.uses_scores and red.plan(x.shape[1]) != [x.shape[1]] * (len(self) + 1):
             scores = self.score_source() if self.score_source is not None else None
             if scores is None:
                 raise RuntimeError(f"{red.name}: no scores for this forward; it runs after a scorer "
@@ -381,7 +381,10 @@ def prune_and_reduce(model: nn.Module, keep_ratio: float, scorer="student", meth
     source = None
     if reducer.uses_scores:
         pruner = pruned.pruner
-        pruner.score_always = True  # the scores are computed (and kept in .pending) also when nothing is dropped
+        # the scores are computed (and kept in .pending) also when nothing is dropped before the blocks, unless
+        # the method reduces nothing either (its no-reduction setting: the unpruned model, nothing scored)
+        n = layout.num_prefix_tokens + kept
+        pruner.score_always = reducer.plan(n) != [n] * (len(model.blocks) + 1)
 
         def source():
             s, idx = pruner.pending, pruner.last_indices

@@ -178,7 +178,7 @@ class ScoredMerge(TokenReducer):
     def before(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         G = x.shape[1] - self.num_prefix_tokens
         state["G"] = G
-        x, state["scores"], size = scored_merge(x, state["scores"], keep_count(self.ratios[0], G), None, None,
+        x, state["scores"], size = scored_merge(x, state.get("scores"), keep_count(self.ratios[0], G), None, None,
                                                self.num_prefix_tokens, self.rest)
         if x.shape[1] < G + self.num_prefix_tokens and self.rest != "drop":  # 'drop': every size stays 1
             state["size"] = size

@@ -423,8 +423,8 @@ def _build_one(model, spec: MethodSpec, pt: OperatingPoint, scorers: dict, optio
         return BuiltMethod(spec.name, pt.label, prune_tokens(model, keep, sc), sc, key, k < G, [P + k] * depth)
     module = prune_and_reduce(model, keep, sc, spec.reducer, pt.reducer)
     reducer = module.vit.blocks.reducer
-    return BuiltMethod(spec.name, pt.label, module, sc, key, k < G or reducer.uses_scores, reducer.plan(P + k)[:-1],
-                       reducer)
+    return BuiltMethod(spec.name, pt.label, module, sc, key, k < G or module.pruner.score_always,
+                       reducer.plan(P + k)[:-1], reducer)
 
 
 def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, methods: Sequence[str | MethodSpec],

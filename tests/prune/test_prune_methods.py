@@ -25,7 +25,7 @@ from rollout_fast.prune.study import PRESELECT_POINTS, build_methods, compare_me
 from rollout_fast.reference import topk_gather_reference
 
 # the no-reduction setting of each in-network method (a method registered without one here fails below)
-NO_REDUCTION = {"tome": "r=0", "evit": "keep=1.0", "ats": "keep=1.0:blocks=[]"}
+NO_REDUCTION = {"tome": "r=0", "evit": "keep=1.0", "ats": "keep=1.0:blocks=[]", "smerge": "keep=1.0"}
 
 
 def test_spec_syntax_points_labels_and_defaults():
@@ -67,9 +67,14 @@ def test_bad_specs_raise_naming_the_spec(text, message):
 
 def _all_no_reduction_specs():
     assert set(NO_REDUCTION) == set(method_names()), "give the new method's no-reduction setting in NO_REDUCTION"
-    return ([f"{s}:keep=1.0" for s in scorer_names()] + [f"{m}:{NO_REDUCTION[m]}" for m in method_names()]
+    from rollout_fast.prune import METHODS
+
+    scored = [m for m in method_names() if METHODS[m].uses_scores]  # only after a scorer; keep is theirs
+    plain = [m for m in method_names() if m not in scored]
+    return ([f"{s}:keep=1.0" for s in scorer_names()] + [f"{m}:{NO_REDUCTION[m]}" for m in plain]
             + [f"{s}+{m}:keep=1.0:" + ":".join(f"{m}.{part}" for part in NO_REDUCTION[m].split(":"))
-               for s in ("student", "cls-attention") for m in method_names()])
+               for s in ("student", "cls-attention") for m in plain]
+            + [f"{s}+{m}:{NO_REDUCTION[m]}" for s in ("student", "cls-attention") for m in scored])
 
 
 @pytest.mark.parametrize("spec", _all_no_reduction_specs())

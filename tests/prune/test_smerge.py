@@ -200,7 +200,7 @@ def test_prune_eval_spec():
         parse_method("student+smerge:student.keep=0.5")
     model, x = tiny_vit(), images_for("vit", B=4)
     built = build_methods(model, ["student+smerge:keep=0.5,1.0"], (32, 32), student=StandInStudent((8, 8)))
-    assert [b.needs_scores for b in built] == [True, True]
+    assert [b.needs_scores for b in built] == [True, False]  # keep 1.0: the unpruned model, nothing scored
     assert built[0].tokens == [33, 33] and built[1].tokens == [65, 65]
     res = compare_methods(model, x, torch.zeros(4, dtype=torch.long), ["student+smerge:keep=0.5,1.0"],
                           throughput_batches=(), student=StandInStudent((8, 8)), progress=False)
