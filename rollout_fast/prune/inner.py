@@ -352,6 +352,9 @@ def prune_and_reduce(model: nn.Module, keep_ratio: float, scorer="student", meth
         scorer: a scorer name, :class:`~rollout_fast.prune.PatchScorer` or callable (see ``prune_tokens``).
         method: a :func:`register_method` name or a :class:`TokenReducer`.
         settings: the method's settings (``{"r": 4}``; EViT's own ``{"keep_ratio": 0.7}``), None for its defaults.
+            A method ranking tokens by the scorer's scores (``uses_scores``, e.g. 'smerge') gets them (of the
+            kept tokens, in their order) in ``state['scores']``; give it ``keep_ratio=1.0`` here and its own
+            ``{"keep_ratio": ...}`` (the scores are computed although nothing is dropped before it).
         scorer_options: keywords of :func:`~rollout_fast.prune.make_scorer` (``student``, ``seed``, ...).
         backend: the top-k gather backend.
 

@@ -21,6 +21,9 @@ A method of :func:`compare_methods` is a spec string ``NAME[:KEY=V1,V2,...]...``
   ``keep`` = ``keep_ratio``, ``blocks``, ``fuse``; ATS ``keep``, ``blocks``; defaults: its ``operating_points``). In ``SCORER+METHOD``
   a key goes to the scorer when both have it; ``METHOD.KEY`` (``evit.keep``) names the other.
 - Several keys: every combination (``student+tome:keep=0.75,0.5:r=2,4`` is four operating points).
+- A method that ranks tokens by the scorer's scores (``uses_scores``: ``smerge``,
+  :mod:`~rollout_fast.prune.smerge`) runs only as ``SCORER+METHOD``; its scorer then drops nothing itself and
+  ``keep`` is the method's (``student+smerge:keep=0.375``, ``student+smerge:keep=[0.375,0.125]:blocks=[1]``).
 
 Examples: ``tome:r=2,4,6,8``, ``evit:keep=0.7,0.5:blocks=[1,2,3]``, ``student:keep=0.75,0.5``,
 ``random:keep=0.5:seed=0,1,2``, ``student+tome:keep=0.75:r=2,4``, ``ats:keep=1.0,0.5:blocks=[1,2,3]``,
