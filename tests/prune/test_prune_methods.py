@@ -80,8 +80,14 @@ def _all_no_reduction_specs():
 @pytest.mark.parametrize("spec", _all_no_reduction_specs())
 def test_every_method_at_its_no_reduction_setting_is_the_unpruned_model(spec):
     model, x = tiny_vit(), images_for("vit")
-    (run,) = build_methods(model, [spec], (32, 32), student=StandInStudent((8, 8)),
-                           scorer_model=tiny_vit(depth=1, embed_dim=24))
+    if spec.split(":")[0].split("+")[0] == "ltpa":  # the LTPA scorer reads a Learn to Pay Attention model
+        from rollout_fast.ltpa import create_attnvgg
+
+        scorer_model = create_attnvgg({"type": "attnvgg", "img_size": 32, "num_classes": 10,
+                                       "variant": "pc-softmax-after", "width": 1 / 16}).eval()
+    else:
+        scorer_model = tiny_vit(depth=1, embed_dim=24)
+    (run,) = build_methods(model, [spec], (32, 32), student=StandInStudent((8, 8)), scorer_model=scorer_model)
     assert run.tokens == [65, 65] and not run.needs_scores
     with torch.no_grad():
         assert torch.equal(run.module(x), model(x)), spec
