@@ -241,13 +241,8 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     """Attention rollout over image files; write overlays, ``rollout.npz`` and ``grid.png`` to ``out``.
 
     ``model`` is a ViT (attention rollout), or an attention-gated Learn to Pay Attention
-    :class:`~rollout_fast.ltpa.AttnVGG` (Jetley et al., ICLR 2018; e.g. ``load_teacher("cifar10-ltpa")``),
-    whose own attention maps are written the same way (:class:`~rollout_fast.ltpa.LTPAExplainer`): ``maps``
-    is the levels' combination (:func:`~rollout_fast.ltpa.ltpa_saliency`, each level summing to 1, averaged)
-    on ``grid`` (``(gh, gw)`` or an int; default the finest level's size; e.g. 8 for the ViT teacher's patch
-    grid), and ``rollout.npz`` also holds ``level_1``, ``level_2``, ``level_3`` (float32 (num_images, h_i, w_i),
-    the raw maps) and ``ltpa_variant``; ``method`` is saved as 'ltpa'; the grid shows input | LTPA | level 1 |
-    level 2 | level 3. ``head_fusion`` and ``discard_ratio`` do not apply to it; ``grid`` applies only to it.
+    :class:`~rollout_fast.ltpa.AttnVGG` (Jetley et al., ICLR 2018), whose own maps are written the same way on
+    ``grid`` (only for it; ``head_fusion`` and ``discard_ratio`` do not apply): see :func:`_job_explainer`.
 
     Each file is read with :func:`rollout_fast.data.load_image` (any size and mode, EXIF orientation
     applied, 16-bit and other high bit depths scaled to 8 bits, converted to RGB) and passed through timm's eval
@@ -270,8 +265,8 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     (:data:`ROLLOUT_OUTPUTS`) unless ``overwrite``; then the earlier run's files are removed before the first
     new one is written, so the folder always matches its ``rollout.npz``.
 
-    ``progress``: a bar over the whole job, one step per file (done once its map and overlay are written)
-    and one for ``rollout.npz`` + ``grid.png``, so it reaches 100% when everything is written.
+    ``progress``: a bar over the whole job, one step per file (once its map and overlay are written) and one
+    for ``rollout.npz`` + ``grid.png``.
 
     Writes:
         ``out/overlays/NNNNN_<name>.png``: the model input with the rollout heatmap and a colour bar;
@@ -283,9 +278,8 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     Raises:
         ValueError: ``batch_size`` < 1, unknown ``method``, ``target`` given without method 'grad' or
             outside the model's classes, a bad ``overlays``, ``workers`` or ``precision`` (fp16 off CUDA), a
-            student of another grid or input size, or no file could be read (nothing is written then); for
-            an LTPA model method 'grad', a student, the plain VGG baseline or a bad ``grid``; ``grid``
-            with a ViT.
+            student of another grid or input size, no file could be read (nothing is written then); for an
+            LTPA model method 'grad', a student, the VGG baseline or a bad ``grid``; ``grid`` with a ViT.
         TypeError: ``target`` not an int.
         FileExistsError: ``out`` holds an earlier run and ``overwrite`` is False.
         NotADirectoryError / PermissionError: ``out`` is a file, or cannot be written.
@@ -293,31 +287,16 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
     from timm.data import create_transform
 
     from .checkpoint import check_output_dir
-    from .ltpa import AttnVGG
-    from .pipeline import explain_result, image_batches, plan_batches, precision_setup
+    from .pipeline import image_batches, plan_batches, precision_setup
 
-    check_request(batch_size, method, target, model)
-    ltpa = isinstance(model, AttnVGG)
-    if ltpa:
-        _check_ltpa_request(model, method, student, grid)
-    elif grid is not None:
-        raise ValueError("grid: used only with a Learn to Pay Attention model (a ViT's maps are on its patch grid)")
+    ltpa = _check_job_request(model, batch_size, method, target, student, grid)
     overlays = overlay_mode(overlays)
     device = torch.device(device)
     run_model, autocast, input_dtype = precision_setup(model, device, precision)
     earlier = check_output_dir(out, ROLLOUT_OUTPUTS, overwrite=overwrite)
-    if ltpa:
-        from .ltpa import LTPAExplainer
-
-        explainer = LTPAExplainer(run_model, grid)
-        columns = {f"level_{i + 1}": f"level {i + 1}" for i in range(len(model.map_sizes))}
-        writer_args = {"method": "ltpa", "map_title": f"LTPA ({model.variant})", "columns": columns,
-                       "constants": {"ltpa_variant": model.variant}}
-    else:
-        explainer = AttentionRollout(run_model, head_fusion=head_fusion, discard_ratio=discard_ratio)
-        writer_args = {"method": method, "columns": {"student_maps": "student"} if student is not None else {}}
-    if student is not None:
-        student = student.to(device).eval()
+    explainer, writer_args = _job_explainer(model, run_model, ltpa, grid, head_fusion, discard_ratio, method,
+                                            student is not None)
+    student = student.to(device).eval() if student is not None else None
     bar = _progress_bar(len(files) + 1, progress)
     writer = _RolloutWriter(Path(out), data_config, class_names_of(model), overlays=overlays, earlier=earlier,
                             bar=bar, **writer_args)
@@ -325,17 +304,7 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
                             device=device, workers=workers)
     try:
         for batch in batches:
-            writer.result.skipped += [(str(files[i]), why) for i, why in batch.skipped]
-            bar.update(len(batch.skipped))
-            if batch.images is not None:
-                res = explain_result(explainer, batch.images, method, target, autocast, input_dtype)
-                maps, logits = res.maps.float(), res.logits.float()
-                if ltpa:
-                    extra = {f"level_{i + 1}": m for i, m in enumerate(res.levels)}
-                else:
-                    extra = {"student_maps": _student_maps(student, batch.images, maps,
-                                                           first=not writer.result.files)}
-                writer.add(batch.images, [files[i] for i in batch.index], maps, logits, target, extra)
+            _write_batch(batch, writer, explainer, files, (method, target, autocast, input_dtype), ltpa, student)
         if not writer.result.files:
             raise ValueError(f"images: none of the {len(files)} inputs could be read")
         return writer.finish()
@@ -343,6 +312,60 @@ def rollout_images(files: Sequence[str | os.PathLike], out: str | os.PathLike, m
         batches.close()
         writer.close()
         bar.close()
+
+
+def _write_batch(batch, writer: _RolloutWriter, explainer, files: Sequence, how: tuple, ltpa: bool, student) -> None:
+    """One batch of :func:`rollout_images`: its unreadable files noted, its maps (and the LTPA levels or the
+    student's maps) computed and handed to ``writer``; ``how``: (method, target, autocast, input_dtype)."""
+    from .pipeline import explain_result
+
+    method, target, autocast, input_dtype = how
+    writer.result.skipped += [(str(files[i]), why) for i, why in batch.skipped]
+    if writer.bar is not None:
+        writer.bar.update(len(batch.skipped))
+    if batch.images is None:
+        return
+    res = explain_result(explainer, batch.images, method, target, autocast, input_dtype)
+    maps, logits = res.maps.float(), res.logits.float()
+    if ltpa:
+        extra = {f"level_{i + 1}": m for i, m in enumerate(res.levels)}
+    else:
+        extra = {"student_maps": _student_maps(student, batch.images, maps, first=not writer.result.files)}
+    writer.add(batch.images, [files[i] for i in batch.index], maps, logits, target, extra)
+
+
+def _check_job_request(model, batch_size: int, method: str, target, student, grid) -> bool:
+    """:func:`rollout_images`'s argument checks (ValueError / TypeError naming the argument); True for a Learn
+    to Pay Attention model."""
+    from .ltpa import AttnVGG
+
+    check_request(batch_size, method, target, model)
+    if isinstance(model, AttnVGG):
+        _check_ltpa_request(model, method, student, grid)
+        return True
+    if grid is not None:
+        raise ValueError("grid: used only with a Learn to Pay Attention model (a ViT's maps are on its patch grid)")
+    return False
+
+
+def _job_explainer(model, run_model, ltpa: bool, grid, head_fusion: str, discard_ratio: float, method: str,
+                   with_student: bool) -> tuple:
+    """The explainer of a rollout job on ``run_model`` (``model`` as :func:`~rollout_fast.pipeline.precision_setup`
+    prepared it) and the keyword arguments of its writer: an AttentionRollout for a ViT (the student's maps as a
+    column when there is one), or for a Learn to Pay Attention :class:`~rollout_fast.ltpa.AttnVGG` (e.g.
+    ``load_teacher("cifar10-ltpa")``) an :class:`~rollout_fast.ltpa.LTPAExplainer`: ``maps`` is the levels'
+    combination (:func:`~rollout_fast.ltpa.ltpa_saliency`, each level summing to 1, averaged) on ``grid``
+    (``(gh, gw)`` or an int; default the finest level's size; e.g. 8 for the ViT teacher's patch grid), and
+    ``rollout.npz`` also holds ``level_1``, ``level_2``, ``level_3`` (float32 (num_images, h_i, w_i), the raw
+    maps) and ``ltpa_variant``; ``method`` is saved as 'ltpa'; the grid shows input | LTPA | level 1-3."""
+    if ltpa:
+        from .ltpa import LTPAExplainer
+
+        columns = {f"level_{i + 1}": f"level {i + 1}" for i in range(len(model.map_sizes))}
+        return LTPAExplainer(run_model, grid), {"method": "ltpa", "map_title": f"LTPA ({model.variant})",
+                                                "columns": columns, "constants": {"ltpa_variant": model.variant}}
+    return (AttentionRollout(run_model, head_fusion=head_fusion, discard_ratio=discard_ratio),
+            {"method": method, "columns": {"student_maps": "student"} if with_student else {}})
 
 
 def _check_ltpa_request(model, method: str, student, grid) -> None:

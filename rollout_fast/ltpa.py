@@ -40,7 +40,6 @@ __all__ = [
     "LTPAResult",
     "check_attention_model",
     "create_attnvgg",
-    "level_entropy",
     "ltpa_map_sizes",
     "ltpa_saliency",
     "parse_ltpa_variant",
@@ -470,47 +469,3 @@ def check_attention_model(model, name: str = "model") -> AttnVGG:
         what = type(model).__name__ if not isinstance(model, AttnVGG) else "AttnVGG variant 'vgg' (no attention)"
         raise ValueError(f"{name}: expected an attention-gated Learn to Pay Attention model (AttnVGG), got {what}")
     return model
-
-
-def level_entropy(maps, top: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """How spread each attention level is: normalised entropy and the mass in the top locations, per image.
-
-    For each level and image, the map is made a distribution ``p_i = a_i / sum_j a_j`` over its ``n = h * w``
-    positions (softmax maps already are one; sigmoid maps are divided by their sum). Then
-
-    - normalised entropy ``H = -sum_i p_i log p_i / log n`` (``0 log 0 = 0``), in [0, 1]: 1 for a uniform
-      map, 0 for all mass on one position (a level of one position gets 0);
-    - top mass: ``sum`` of the ``k = max(1, ceil(top * n))`` largest ``p_i`` (the fraction of the attention in
-      the top ``top`` of the locations; ``k / n`` for a uniform map).
-
-    The seed (Jetley et al. 2018, Learn to Pay Attention, ICLR; its figures) saw the first level's attention be
-    about zero almost everywhere: a low entropy and a top mass near 1 at level 1.
-
-    Args:
-        maps: :class:`AttnVGG`'s ``maps`` (three (B, h_i, w_i) or (B, 1, h_i, w_i) tensors, non-negative, any
-            float dtype). top: the fraction of locations, in (0, 1].
-
-    Returns:
-        ``(entropy, top_mass)``: two (B, levels) float64 tensors (means over a test set are left to the caller).
-
-    Raises:
-        ValueError: ill-shaped ``maps`` (as :func:`ltpa_saliency`), a negative or all-zero map, or ``top``
-            outside (0, 1].
-    """
-    maps = _check_maps(maps)
-    if isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 1:
-        raise ValueError(f"top must be a fraction in (0, 1], got {top!r}")
-    ent, mass = [], []
-    for i, m in enumerate(maps):
-        p = m.double().flatten(1)
-        if bool((p < 0).any()):
-            raise ValueError(f"maps[{i}] has negative values; attention maps are non-negative")
-        total = p.sum(dim=1, keepdim=True)
-        if bool((total <= 0).any()):
-            raise ValueError(f"maps[{i}] has an image whose map is all zeros")
-        p = p / total
-        n = p.shape[1]
-        h = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(dim=1)
-        ent.append(h / math.log(n) if n > 1 else torch.zeros_like(h))
-        mass.append(p.topk(max(1, math.ceil(top * n - 1e-9)), dim=1).values.sum(dim=1))
-    return torch.stack(ent, dim=1), torch.stack(mass, dim=1)

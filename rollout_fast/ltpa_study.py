@@ -1,7 +1,7 @@
 """Do a CNN's learned attention and a ViT's attention flow agree? Learn to Pay Attention maps (Jetley et al., ICLR
 2018) against a ViT teacher's attention rollout (Abnar & Zuidema, ACL 2020) and gradient rollout (Chefer et al.,
 CVPR 2021, vit-explain's form) on the teacher's patch grid, beside the centre prior and the mean map; and how
-spread each LTPA level is (:func:`rollout_fast.ltpa.level_entropy`).
+spread each LTPA level is (:func:`level_entropy`).
 
 :func:`agreement_study` computes; :func:`study_markdown` formats; ``python/ltpa_study.py`` is the recipe that
 loads the models and data and writes ``ltpa_study.json`` + ``ltpa_study.md``.
@@ -23,6 +23,7 @@ Protocol, per image of the evaluation set (the teacher's eval transform):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 
 from .metrics import cc, fit_centre_prior, mean_map, spearman, topk_recall
 
-__all__ = ["METRICS", "TARGETS", "agreement_study", "study_markdown"]
+__all__ = ["METRICS", "TARGETS", "agreement_study", "level_entropy", "study_markdown"]
 
 TARGETS = ("rollout", "grad-rollout")
 METRICS = {"cc": cc, "recall@0.5": lambda p, t: topk_recall(p, t, 0.5), "spearman": spearman}
@@ -50,7 +51,7 @@ def agreement_study(teacher: nn.Module, teacher_config: Mapping, ltpa_models: Ma
         ltpa_models: ``{name: (AttnVGG, data_config)}`` (attention-gated models, as ``load_teacher`` returns
             them; a data config without ``mean``/``std`` means no re-normalisation).
         images: (M, 3, H, W) float32, the teacher's eval transform applied (:func:`rollout_fast.data.load_eval_data`).
-        batch_size: images per forward pass. top: :func:`~rollout_fast.ltpa.level_entropy`'s fraction.
+        batch_size: images per forward pass. top: :func:`level_entropy`'s fraction.
 
     Returns:
         ``{"rows": [...], "entropy": [...], "meta": {...}}``. ``rows``: one per (source, target): ``source``
@@ -67,7 +68,7 @@ def agreement_study(teacher: nn.Module, teacher_config: Mapping, ltpa_models: Ma
     from tqdm.auto import tqdm
 
     from .explain import AttentionRollout
-    from .ltpa import LTPAExplainer, level_entropy, ltpa_saliency
+    from .ltpa import LTPAExplainer, ltpa_saliency
     from .prune.cross import prepare_input
 
     if images.ndim != 4 or images.shape[0] == 0:
@@ -75,12 +76,7 @@ def agreement_study(teacher: nn.Module, teacher_config: Mapping, ltpa_models: Ma
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     explainers = {name: LTPAExplainer(model) for name, (model, _) in ltpa_models.items()}
-    norms = {}
-    for name, (model, config) in ltpa_models.items():
-        same = not config or "mean" not in config or (tuple(config["mean"]), tuple(config["std"])) == (
-            tuple(teacher_config["mean"]), tuple(teacher_config["std"]))
-        norms[name] = None if same else ((tuple(teacher_config["mean"]), tuple(teacher_config["std"])),
-                                         (tuple(config["mean"]), tuple(config["std"])))
+    norms = {name: _renormalization(teacher_config, config) for name, (_, config) in ltpa_models.items()}
     rollout = AttentionRollout(teacher, head_fusion="mean", discard_ratio=0.0)
     dev = next(teacher.parameters()).device
     targets: dict[str, list] = {t: [] for t in TARGETS}
@@ -114,16 +110,69 @@ def agreement_study(teacher: nn.Module, teacher_config: Mapping, ltpa_models: Ma
             scores = _scores(pred, tm)
             rows.append({"source": source, "model": name, "level": lv, "target": t,
                          **{k: float(v.mean()) for k, v in scores.items()}, "images": n})
-    entropy = []
-    for name, (se, sm) in ent_sum.items():
-        model = ltpa_models[name][0]
-        for i, size in enumerate(model.map_sizes):
-            entropy.append({"model": name, "variant": model.variant, "level": i + 1, "map_size": list(size),
-                            "entropy": float(se[i] / n), "top_mass": float(sm[i] / n), "images": n})
+    entropy = [{"model": name, "variant": model.variant, "level": i + 1, "map_size": list(size),
+                "entropy": float(se[i] / n), "top_mass": float(sm[i] / n), "images": n}
+               for name, (se, sm) in ent_sum.items() for model in [ltpa_models[name][0]]
+               for i, size in enumerate(model.map_sizes)]
     meta = {"images": n, "grid": list(targets["rollout"].shape[-2:]), "top": top,
             "centre_prior_sigma": sigmas, "rollout": "mean head fusion, discard ratio 0, class-token row",
             "grad_rollout": "predicted class, discard ratio 0"}
     return {"rows": rows, "entropy": entropy, "meta": meta}
+
+
+def _renormalization(teacher_config: Mapping, config: Mapping | None):
+    """``((teacher mean, std), (model mean, std))`` when an LTPA model's data config normalises otherwise than the
+    teacher's (:func:`rollout_fast.prune.cross.prepare_input`'s ``renormalize``), else None."""
+    ours = (tuple(teacher_config["mean"]), tuple(teacher_config["std"]))
+    if not config or "mean" not in config or (tuple(config["mean"]), tuple(config["std"])) == ours:
+        return None
+    return ours, (tuple(config["mean"]), tuple(config["std"]))
+
+
+def level_entropy(maps, top: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """How spread each attention level is: normalised entropy and the mass in the top locations, per image.
+
+    For each level and image, the map is made a distribution ``p_i = a_i / sum_j a_j`` over its ``n = h * w``
+    positions (softmax maps already are one; sigmoid maps are divided by their sum). Then
+
+    - normalised entropy ``H = -sum_i p_i log p_i / log n`` (``0 log 0 = 0``), in [0, 1]: 1 for a uniform
+      map, 0 for all mass on one position (a level of one position gets 0);
+    - top mass: ``sum`` of the ``k = max(1, ceil(top * n))`` largest ``p_i`` (the fraction of the attention in
+      the top ``top`` of the locations; ``k / n`` for a uniform map).
+
+    The seed (Jetley et al. 2018, Learn to Pay Attention, ICLR; its figures) saw the first level's attention be
+    about zero almost everywhere: a low entropy and a top mass near 1 at level 1.
+
+    Args:
+        maps: :class:`~rollout_fast.ltpa.AttnVGG`'s ``maps`` (three (B, h_i, w_i) or (B, 1, h_i, w_i) tensors, non-negative, any
+            float dtype). top: the fraction of locations, in (0, 1].
+
+    Returns:
+        ``(entropy, top_mass)``: two (B, levels) float64 tensors (means over a test set are left to the caller).
+
+    Raises:
+        ValueError: ill-shaped ``maps`` (as :func:`~rollout_fast.ltpa.ltpa_saliency`), a negative or all-zero map, or ``top``
+            outside (0, 1].
+    """
+    from .ltpa import _check_maps
+
+    maps = _check_maps(maps)
+    if isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 1:
+        raise ValueError(f"top must be a fraction in (0, 1], got {top!r}")
+    ent, mass = [], []
+    for i, m in enumerate(maps):
+        p = m.double().flatten(1)
+        if bool((p < 0).any()):
+            raise ValueError(f"maps[{i}] has negative values; attention maps are non-negative")
+        total = p.sum(dim=1, keepdim=True)
+        if bool((total <= 0).any()):
+            raise ValueError(f"maps[{i}] has an image whose map is all zeros")
+        p = p / total
+        n = p.shape[1]
+        h = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(dim=1)
+        ent.append(h / math.log(n) if n > 1 else torch.zeros_like(h))
+        mass.append(p.topk(max(1, math.ceil(top * n - 1e-9)), dim=1).values.sum(dim=1))
+    return torch.stack(ent, dim=1), torch.stack(mass, dim=1)
 
 
 def study_markdown(result: dict) -> str:

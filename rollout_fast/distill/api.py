@@ -22,6 +22,19 @@ from .targets import TeacherTargets
 __all__ = ["distill"]
 
 
+def _splits(data, test_split: str) -> tuple[Path, Path]:
+    """``data/train`` and ``data/<test_split>``; FileNotFoundError without ``data``, ValueError without a split."""
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data: folder {str(data)!r} does not exist")
+    train_root, test_root = root / "train", root / test_split
+    missing = [f"{p.name}/" for p in (train_root, test_root) if not p.is_dir()]
+    if missing:
+        raise ValueError(f"data: {str(data)!r} has no {' and no '.join(missing)} split (expected train/ and "
+                         f"{test_split}/ ImageFolder trees; test_split names the evaluation split)")
+    return train_root, test_root
+
+
 def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConfig | None = None, *,
             device: str | None = None, resume: bool = False, cache_dir: str | os.PathLike | None = None,
             command: str | None = None, progress: bool = True, targets_from: str | Path | None = None) -> dict:
@@ -65,14 +78,7 @@ def distill(data: str | os.PathLike, out: str | os.PathLike, config: DistillConf
         raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the {env.world} processes")
     out = Path(out)
     state = _checkpoint_state(out, cfg, resume)
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data: folder {str(data)!r} does not exist")
-    train_root, test_root = root / "train", root / cfg.test_split
-    missing = [f"{p.name}/" for p in (train_root, test_root) if not p.is_dir()]
-    if missing:
-        raise ValueError(f"data: {str(data)!r} has no {' and no '.join(missing)} split (expected train/ and "
-                         f"{cfg.test_split}/ ImageFolder trees; test_split names the evaluation split)")
+    train_root, test_root = _splits(data, cfg.test_split)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     check_writable_dir(out, "out")  # before any compute
     check_writable_dir(cache, "cache_dir")

@@ -1,4 +1,4 @@
-"""rollout_fast.ltpa.level_entropy: how spread each Learn to Pay Attention level is (normalised entropy, mass in
+"""rollout_fast.ltpa_study.level_entropy: how spread each Learn to Pay Attention level is (normalised entropy, mass in
 the top 5% of the locations), against hand computations and a plain per-image loop."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from ltpa_testing import tiny_ltpa
 
-from rollout_fast.ltpa import level_entropy
+from rollout_fast.ltpa_study import level_entropy
 
 
 def test_hand_computed_values():
