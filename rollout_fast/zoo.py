@@ -26,17 +26,18 @@ __all__ = ["ASSETS", "EMBEDDED_STUDENTS", "EMBEDDED_TEACHERS", "INSTALLABLE_MODE
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_TEACHERS = {"cifar10-vit": ASSETS / "cifar10-vit",
                      # the second, smaller CIFAR-10 ViT: a cross-model scorer (prune-eval --scorer-model, issue 16)
-                     "cifar10-vit-small": ASSETS / "cifar10-vit-small"}
+                     "cifar10-vit-small": ASSETS / "cifar10-vit-small",
+                     # the Imagenette teacher (issue 13): 112 px, 14 x 14 patch grid + class token (DeiT's layout)
+                     "imagenette-vit": ASSETS / "imagenette-vit"}
 # Classifiers a recipe script installs into ASSETS as NAME.safetensors + NAME.json (load_teacher(NAME) once
 # there), with the command that trains and installs each: the Learn to Pay Attention models (issue 14; the
-# -thumb ones classify the students' thumbnail) and the Imagenette ViT teacher.
+# -thumb ones classify the students' thumbnail).
 INSTALLABLE_MODELS = {
     "cifar10-ltpa": "python python/train_ltpa.py --recipe cifar10-ltpa --install",
     "imagenette-ltpa": "python python/train_ltpa.py --recipe imagenette-ltpa --install",
     "cifar10-ltpa-thumb": "python python/train_ltpa.py --recipe cifar10-ltpa-thumb --only pc-softmax-after --install",
     "imagenette-ltpa-thumb": ("python python/train_ltpa.py --recipe imagenette-ltpa-thumb --only pc-softmax-after "
                               "--install"),
-    "imagenette-vit": "python python/train_teacher.py --recipe imagenette-vit",
 }
 # Shipped students, by name: "cifar10-vit" predicts the embedded teacher's rollout at discard ratio 0 (the
 # rollout people inspect; issue 5's metrics); "cifar10-vit-prune" predicts the teacher's gradient rollout for

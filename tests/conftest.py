@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from paths import CIFAR10, IMAGENET_SAMPLE
+from paths import CIFAR10, IMAGENET_SAMPLE, IMAGENETTE
 
 
 @pytest.fixture(autouse=True)
@@ -77,3 +77,13 @@ def imagenet_sample() -> Path:
         pytest.skip(f"real ImageNet sample not found at {IMAGENET_SAMPLE} (set ROLLOUT_FAST_SHARED to the shared/ "
                     "folder holding data/imagenet-sample)")
     return IMAGENET_SAMPLE
+
+
+@pytest.fixture
+def imagenette_val() -> Path:
+    """The real Imagenette validation split in ../shared (3,925 photos; skips where ../shared is absent)."""
+    root = IMAGENETTE / "val"
+    if not root.is_dir():
+        pytest.skip(f"real Imagenette data not found at {root} (set ROLLOUT_FAST_SHARED to the shared/ "
+                    "folder holding data/imagenette)")
+    return root

@@ -13,3 +13,4 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ROLLOUT_FAST_SHARED", REPO.parent / "shared"))
 CIFAR10 = SHARED / "data" / "cifar10"
 IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
+IMAGENETTE = SHARED / "data" / "imagenette"

@@ -102,6 +102,41 @@ def test_small_embedded_teacher_accuracy_on_fixed_test_slice(cifar10_test):
     assert abs(acc - SMALL_SLICE_TOP1_EVAL) <= TOL, acc
 
 
+def test_imagenette_teacher_loads_offline_with_deits_token_layout():
+    """imagenette-vit (issue 13): 112 px, 8 px conv-stem patches, 14 x 14 grid + class token (N = 197)."""
+    model, cfg = load_teacher("imagenette-vit")
+    assert isinstance(model, timm.models.VisionTransformer) and not model.training
+    assert cfg["input_size"] == (3, 112, 112) and cfg["crop_pct"] == 0.875
+    assert model.patch_embed.grid_size == (14, 14) and model.num_prefix_tokens == 1
+    card = teacher_card("imagenette-vit")
+    assert card["class_names"][:2] == ["tench", "English springer"] and card["test_top1"] == 0.8397
+    assert EMBEDDED_TEACHERS["imagenette-vit"].with_suffix(".safetensors").stat().st_size <= 12 * 2**20
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 10)
+
+
+IMAGENETTE_SLICE = range(0, 3925, 10)  # every 10th of the 3,925 sorted val photos: 393 in all
+IMAGENETTE_SLICE_CORRECT = 333  # measured both ways (float32 here; bf16 autocast in evaluate_folder): 84.7%
+
+
+@pytest.mark.slow
+def test_imagenette_teacher_accuracy_on_fixed_val_slice(imagenette_val):
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader, Subset
+
+    from rollout_fast.data import image_folder
+
+    model, cfg = load_teacher("imagenette-vit")
+    ds = Subset(image_folder(imagenette_val, create_transform(**cfg)), list(IMAGENETTE_SLICE))
+    correct = 0
+    with torch.inference_mode():
+        for x, y in DataLoader(ds, batch_size=131):
+            correct += int((model(x).argmax(-1) == y).sum())
+    assert abs(correct - IMAGENETTE_SLICE_CORRECT) <= 2, correct  # 2 of 393: a 0.5-point change fails
+    acc = evaluate_folder(model, cfg, imagenette_val, indices=IMAGENETTE_SLICE, progress=False)
+    assert abs(acc * 393 - IMAGENETTE_SLICE_CORRECT) <= 2, acc
+
+
 def test_local_card_checkpoint_round_trip(tmp_path):
     model, _ = load_teacher("cifar10-vit")
     path = tmp_path / "copy.safetensors"
