@@ -18,7 +18,7 @@ prune_top1.png (the seeds' chart on our teacher). Scorer ``student`` is the teac
 ``--compare`` runs ``prune-eval --methods`` with the teacher's operating points (:data:`COMPARISON`,
 :data:`IMAGENETTE_COMPARISON`) instead (rollout_fast.prune.study.compare_methods): ToMe, EViT, ATS (at EViT's
 stages, and at every block from the second as ATS is released for DeiT-S), random and the student before the
-blocks, and the student's pre-selection followed by ToMe, each at its operating points, top-1 and images/s
+blocks, and the student's pre-selection followed by ToMe or by score-guided merging (smerge), each at its operating points, top-1 and images/s
 (batch 1 and 256, method's cost included) against the full model in the same run; methods.csv / methods.json
 / methods.md (the README table) and methods_top1_speedup.png. ``--methods SPEC ...`` gives other methods (see
 ``rollout-fast prune-eval -h``).
@@ -44,17 +44,25 @@ from rollout_fast.cli import prune_eval as prune_eval_command
 from rollout_fast.zoo import pruning_student_name
 
 # the embedded teacher has 64 patches + the class token over 6 blocks: a constant ToMe r fits up to 9
-COMPARISON = ["random:keep=0.75,0.5,0.25", "student:keep=0.9,0.75,0.5,0.4,0.25", "tome:r=2,4,6,8,9",
-              "evit:keep=0.9,0.7,0.5,0.3:blocks=[1,2,3]", "ats:keep=1.0,0.7,0.5,0.3:blocks=[1,2,3]",
-              "ats:keep=1.0,0.9:blocks=[1,2,3,4,5]", "student+tome:keep=0.75,0.5:r=2,4"]
+# student+smerge (issue 16): the student's pre-selection with the dropped tokens merged into their most similar kept
+# token and proportional attention after (rollout_fast.prune.smerge), alone and with a second stage at block 1;
+# ToMe also with per-block r schedules (r front-loaded), which reach 1.9x-2.7x where a constant r stops at r = 9.
+COMPARISON = ["random:keep=0.75,0.5,0.25", "student:keep=0.9,0.75,0.5,0.4,0.25",
+              "tome:r=2,4,6,8,9,[24,12,6,4,2,1],[32,16,8,4,2,1]",
+              "evit:keep=0.9,0.7,0.5,0.3:blocks=[1,2,3]", "evit:keep=0.5,0.3,0.2:blocks=[0,1,2]",
+              "ats:keep=1.0,0.7,0.5,0.3:blocks=[1,2,3]", "ats:keep=1.0,0.9:blocks=[1,2,3,4,5]",
+              "student+tome:keep=0.75,0.5:r=2,4", "student+smerge:keep=0.625,0.5,0.375,0.25,0.1875",
+              "student+smerge:keep=[0.375,0.125],[0.25,0.125]:blocks=[1]"]
 # imagenette-vit: 196 patches + the class token over 6 blocks (DeiT's token layout at depth 6). A constant ToMe r
 # fits up to 28 (block 6 sees 197 - 5 r tokens and merges at most half of its 196 - 5 r patch tokens: 7 r <= 196;
 # 29 tokens are left after the last block), r = 6 ... 28 spans the CIFAR points x3 (3x the patches); EViT and ATS at
 # the same blocks as on CIFAR (same depth); student + ToMe: r = 6, 12 after keeping 147 or 98 patches (r fits up
 # to 21 and 14 there).
 IMAGENETTE_COMPARISON = ["random:keep=0.75,0.5,0.25", "student:keep=0.9,0.75,0.5,0.4,0.25", "tome:r=6,12,18,24,28",
-                         "evit:keep=0.9,0.7,0.5,0.3:blocks=[1,2,3]", "ats:keep=1.0,0.7,0.5,0.3:blocks=[1,2,3]",
-                         "ats:keep=1.0,0.9:blocks=[1,2,3,4,5]", "student+tome:keep=0.75,0.5:r=6,12"]
+                         "evit:keep=0.9,0.7,0.5,0.3:blocks=[1,2,3]", "evit:keep=0.5,0.3,0.2:blocks=[0,1,2]",
+                         "ats:keep=1.0,0.7,0.5,0.3:blocks=[1,2,3]", "ats:keep=1.0,0.9:blocks=[1,2,3,4,5]",
+                         "student+tome:keep=0.75,0.5:r=6,12", "student+smerge:keep=0.625,0.5,0.375,0.25,0.1875",
+                         "student+smerge:keep=[0.375,0.125],[0.25,0.125]:blocks=[1]"]
 # with --scorer-model (the cross-model scorer; see the README for training the small second ViT)
 SCORER_MODEL_COMPARISON = ["model-rollout:keep=0.75,0.5,0.4,0.25"]
 # per teacher: default evaluation images, comparison methods, default output folders (study, comparison)

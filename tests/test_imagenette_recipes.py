@@ -186,7 +186,7 @@ def test_imagenette_comparison_fits_197_tokens(prune, tiny):
     model, _ = load_teacher(str(tiny[1]))
     specs = [m for m in prune.IMAGENETTE_COMPARISON if not m.startswith(("student", "random"))]
     built = build_methods(model, specs, (112, 112))
-    assert len(built) == 5 + 4 + 4 + 2
+    assert len(built) == 5 + 4 + 3 + 4 + 2  # tome, evit at blocks 1-3 and 0-2, ats at 1-3 and 1-5
     n = 197
     for _ in range(6):  # r = 28 at every block: the last block still has 56 patch tokens to halve
         assert max_merge(n, 1) >= 28
