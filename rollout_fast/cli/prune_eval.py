@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (checked before any compute)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out (its results and plot are removed first)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the top-1 pass of a run killed in --out (its progress.json, saved after every "
+                        "batch; refused if made with other settings); timing is not resumed")
     p.add_argument("--seeds", type=int, default=3,
                    help="random-scorer seeds averaged (0 .. n-1); with --methods: random:seed=0,1,2")
     p.add_argument("--limit", type=int, default=None, help="evaluate on this many images only")
@@ -96,12 +99,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import check_output_dir
+    from ..prune.progress import PROGRESS_FILE
     from ..prune.report import PRUNE_OUTPUTS
     from ..zoo import load_teacher
 
     if not Path(args.data).is_dir():  # before any compute, like the output folder
         raise FileNotFoundError(f"data: folder {str(args.data)!r} does not exist")
     check_output_dir(args.out, PRUNE_OUTPUTS, overwrite=args.overwrite, hint="--overwrite")
+    if (Path(args.out) / PROGRESS_FILE).is_file() and not (args.resume or args.overwrite or args.throughput_only):
+        raise FileExistsError(f"out: {str(args.out)!r} holds the progress of an unfinished run ({PROGRESS_FILE}); "
+                              "pass --resume to continue it, --overwrite to start again, or choose another folder")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
               "image_norm": (tuple(data_config["mean"]), tuple(data_config["std"])) if scorer_model else None}
     meta = {"model": args.model, "checkpoint": args.checkpoint, "data": str(args.data),
             "student": opts["student_name"], "scorer_model": args.scorer_model}
+    common["checkpoint"] = None if args.throughput_only else _progress(args, meta, device)
     if opts["methods"] is not None:
         return _run_methods(args, opts["methods"], model, data_config, common, meta)
     from ..data import load_eval_data
@@ -129,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
                         **common)
     result["meta"].update(meta)
     paths = write_prune_eval(result, args.out, overwrite=args.overwrite)
+    if common["checkpoint"] is not None:
+        common["checkpoint"].finish()
     print(format_table(result))
     print("written: " + ", ".join(str(p) for p in paths))
     return 0
@@ -155,9 +165,22 @@ def _run_methods(args: argparse.Namespace, methods: list, model, data_config: di
     result = compare_methods(model, images, labels, methods, **common)
     result["meta"].update(meta)
     paths = write_methods(result, args.out, overwrite=args.overwrite)
+    if common["checkpoint"] is not None:
+        common["checkpoint"].finish()
     print(format_methods_table(result))
     print("written: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _progress(args: argparse.Namespace, meta: dict, device: str):
+    """The top-1 pass's :class:`AccuracyCheckpoint` in ``--out`` (resumed with ``--resume``), keyed by every
+    option that changes the counts."""
+    from ..prune.progress import PROGRESS_FILE, AccuracyCheckpoint
+
+    key = {**meta, "timm_args": args.timm_arg, "limit": args.limit, "seeds": args.seeds,
+           "student_thumbnail": args.student_thumbnail, "scorer_checkpoint": args.scorer_checkpoint,
+           "cls_block": args.cls_block, "rollout_discard": args.rollout_discard, "device": device}
+    return AccuracyCheckpoint(Path(args.out) / PROGRESS_FILE, key, resume=args.resume)
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -176,6 +199,9 @@ def _options(args: argparse.Namespace) -> dict:
     scorer_timm_kwargs = key_values(args.scorer_timm_arg, "--scorer-timm-arg")
     if args.seeds < 1:
         raise ValueError("--seeds: expected >= 1")
+    if args.resume and (args.overwrite or args.throughput_only):
+        raise ValueError(f"--resume: continues a top-1 pass; not with "
+                         f"{'--overwrite' if args.overwrite else '--throughput-only'}")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads: expected >= 1")
     used = {m.scorer for m in methods} if methods is not None else set(scorers)

@@ -242,3 +242,10 @@ class ATS(TokenReducer):
     def reset_observed(self) -> None:
         self._sums: list = []
         self._images = 0
+
+    def observed_state(self) -> dict:
+        return {"sums": [int(s) for s in self._sums], "images": int(self._images)}
+
+    def load_observed(self, state: dict | None) -> None:
+        if state is not None:
+            self._sums, self._images = list(state["sums"]), int(state["images"])

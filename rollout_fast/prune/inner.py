@@ -134,6 +134,14 @@ class TokenReducer:
     def reset_observed(self) -> None:
         """Forget the counts :meth:`observed_tokens` averages (a no-op for fixed-count methods)."""
 
+    def observed_state(self) -> dict | None:
+        """The running counts behind :meth:`observed_tokens`, JSON-able, for a resumed evaluation (None for
+        fixed-count methods)."""
+        return None
+
+    def load_observed(self, state: dict | None) -> None:
+        """Restore counts :meth:`observed_state` returned (a no-op for fixed-count methods)."""
+
     def take(self, state: dict, key: str, block: int):
         if key not in state:
             raise UnsupportedModelError(f"model.blocks[{block}]: its attention did not call "

@@ -109,6 +109,13 @@ class PatchScorer:
     def reset(self) -> None:
         """Restart any random stream (a no-op for deterministic scorers)."""
 
+    def get_state(self) -> list | None:
+        """The random stream's state, JSON-able, for a resumed evaluation (None for deterministic scorers)."""
+        return None
+
+    def set_state(self, state: list | None) -> None:
+        """Restore a state :meth:`get_state` returned (a no-op for deterministic scorers)."""
+
     def check_model(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError when this scorer cannot score ``model`` (called by ``prune_tokens``)."""
 
@@ -129,6 +136,13 @@ class RandomScorer(PatchScorer):
 
     def reset(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
+
+    def get_state(self) -> list:
+        return self.generator.get_state().tolist()
+
+    def set_state(self, state: list | None) -> None:
+        if state is not None:
+            self.generator.set_state(torch.tensor(state, dtype=torch.uint8))
 
     def score(self, model, images):
         G = math.prod(token_layout(model, tuple(images.shape[-2:])).grid)

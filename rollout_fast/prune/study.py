@@ -45,6 +45,7 @@ from ..capture import UnsupportedModelError, token_layout
 from .inner import prune_and_reduce, reduce_tokens
 from .keep import keep_count
 from .model import prune_tokens
+from .progress import AccuracyCheckpoint, data_fingerprint
 from .scorers import PatchScorer, RandomScorer, check_scores, make_scorer
 from .spec import PRESELECT_POINTS, MethodSpec, OperatingPoint, parse_method
 from .timing import measure_speedup, measure_throughput
@@ -57,7 +58,8 @@ def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                keeps: Sequence[float], seeds: int = 3, batch_size: int = 256,
                throughput_batches: Sequence[int] = (1, 256), throughput_time: float = 1.0, device="cpu",
                student=None, thumbnail=None, block: int = 0, rollout_discard_ratio: float = 0.9,
-               scorer_model=None, image_norm=None, progress: bool = True, accuracy: bool = True) -> dict:
+               scorer_model=None, image_norm=None, progress: bool = True, accuracy: bool = True,
+               checkpoint: AccuracyCheckpoint | None = None) -> dict:
     """Top-1 of ``model`` pruned by each scorer at each keep ratio, and images/s (scorer included).
 
     ``student``, ``thumbnail``, ``block``, ``rollout_discard_ratio``, ``scorer_model``, ``image_norm``: the
@@ -69,6 +71,8 @@ def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
 
     Scores are computed once per batch and scorer (they do not depend on the keep ratio) and shared by the
     keep ratios; 'random' is run with seeds ``0 .. seeds-1`` (mean and standard deviation reported).
+    ``checkpoint``: the counts are saved after every batch and a matching saved pass is resumed
+    (:class:`~rollout_fast.prune.progress.AccuracyCheckpoint`; the caller removes it once the results are written).
 
     Scorer cost: with timing (``throughput_batches`` not empty), every scorer that runs a network of its own
     (a student, a scorer model: :meth:`PatchScorer.module`) gets its parameters, MACs per image and latency
@@ -91,7 +95,8 @@ def prune_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
     full_top1, rows = None, []
     if accuracy:
         full_top1, rows = _accuracy(model, images, labels, _scorer_runs(timed, seeds), keeps,
-                                    batch_size=batch_size, grid=layout.grid, device=device, progress=progress)
+                                    batch_size=batch_size, grid=layout.grid, device=device, progress=progress,
+                                    checkpoint=checkpoint)
     throughput = []
     for bsz in throughput_batches:
         throughput += _throughput(model, images, timed, keeps, bsz, throughput_time, device)
@@ -134,24 +139,41 @@ def _scorer_runs(timed: dict[str, PatchScorer], seeds: int) -> list[tuple[str, P
     return runs
 
 
-def _accuracy(model, images, labels, runs, keeps, *, batch_size, grid, device, progress):
-    """``(full-model top-1, rows)``: every run's scores computed once per batch, shared by the keep ratios."""
+def _accuracy(model, images, labels, runs, keeps, *, batch_size, grid, device, progress, checkpoint=None):
+    """``(full-model top-1, rows)``: every run's scores computed once per batch, shared by the keep ratios;
+    the counts saved to / resumed from ``checkpoint`` after every batch."""
     from tqdm.auto import tqdm
 
     pruned = {r: prune_tokens(model, r, "random") for r in keeps}  # scores are passed in explicitly
-    correct = {(i, r): 0 for i in range(len(runs)) for r in keeps}
-    full_correct = 0
     n = images.shape[0]
+    state = {"full": 0, "correct": [[0] * len(keeps) for _ in runs], "scorers": [None] * len(runs)}
+    first = _resume(checkpoint, state, {"study": "scorers", "runs": [m for m, _ in runs], "keeps": list(keeps),
+                                        "batch_size": batch_size, "data": data_fingerprint(images, labels)})
+    for (_, sc), st in zip(runs, state["scorers"]):
+        sc.set_state(st)
     with torch.inference_mode():
-        for start in tqdm(range(0, n, batch_size), desc="prune-eval", disable=not progress):
+        for start in tqdm(range(first, n, batch_size), desc="prune-eval", disable=not progress):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size].to(device)
-            full_correct += int((model(x).argmax(-1) == y).sum())
+            state["full"] += int((model(x).argmax(-1) == y).sum())
             for i, (_, sc) in enumerate(runs):
                 s = check_scores(sc.score(model, x), x.shape[0], grid, f"scorer {sc.name!r}")
-                for r in keeps:
-                    correct[(i, r)] += int((pruned[r](x, scores=s).argmax(-1) == y).sum())
-    return full_correct / n, _accuracy_rows(runs, correct, keeps, n, grid[0] * grid[1])
+                for j, r in enumerate(keeps):
+                    state["correct"][i][j] += int((pruned[r](x, scores=s).argmax(-1) == y).sum())
+            if checkpoint is not None:
+                state["scorers"] = [sc.get_state() for _, sc in runs]
+                checkpoint.save(start + x.shape[0], state)
+    correct = {(i, r): state["correct"][i][j] for i in range(len(runs)) for j, r in enumerate(keeps)}
+    return state["full"] / n, _accuracy_rows(runs, correct, keeps, n, grid[0] * grid[1])
+
+
+def _resume(checkpoint: AccuracyCheckpoint | None, state: dict, key: dict) -> int:
+    """The first image of the pass: 0, or where ``checkpoint``'s saved pass stopped (``state`` updated)."""
+    saved = checkpoint.begin(key) if checkpoint is not None else None
+    if saved is None:
+        return 0
+    state.update(saved["state"])
+    return saved["next"]
 
 
 def _accuracy_rows(runs, correct, keeps, n: int, G: int) -> list[dict]:
@@ -287,7 +309,7 @@ def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                     *, batch_size: int = 256, throughput_batches: Sequence[int] = (1, 256),
                     throughput_time: float = 1.0, device="cpu", student=None, thumbnail=None, block: int = 0,
                     rollout_discard_ratio: float = 0.9, scorer_model=None, image_norm=None, progress: bool = True,
-                    accuracy: bool = True) -> dict:
+                    accuracy: bool = True, checkpoint: AccuracyCheckpoint | None = None) -> dict:
     """Top-1, images/s and speed-up of each method at each operating point, on the same images, model and run.
 
     Args:
@@ -300,6 +322,8 @@ def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         student, thumbnail, block, rollout_discard_ratio, scorer_model, image_norm: the scorers' options
             (:func:`make_scorer`; ``scorer_model``: the ViT whose rollout 'model-rollout' uses).
         accuracy: False only times (top-1 None).
+        checkpoint: the top-1 counts saved after every batch, a matching saved pass resumed
+            (:class:`~rollout_fast.prune.progress.AccuracyCheckpoint`).
 
     Top-1: the full model's logits once per batch; each pre-block scorer's scores once per batch and scorer
     (shared by its keep ratios and its ``SCORER+METHOD`` points). Throughput: each method at each point is
@@ -323,7 +347,8 @@ def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     layout = token_layout(model, tuple(images.shape[-2:]))
     full_top1, top1 = None, [None] * len(runs)
     if accuracy:
-        full_top1, top1 = _methods_accuracy(model, images, labels, runs, batch_size, layout.grid, device, progress)
+        full_top1, top1 = _methods_accuracy(model, images, labels, runs, batch_size, layout.grid, device, progress,
+                                            checkpoint)
     timing = {}
     for bsz in throughput_batches:
         timing[bsz] = _time_against_full(model, _timing_batch(images, bsz, device),
@@ -338,9 +363,10 @@ def compare_methods(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 
 def _methods_accuracy(model, images, labels, runs: list[BuiltMethod], batch_size: int, grid, device,
-                      progress: bool) -> tuple[float, list[float]]:
+                      progress: bool, checkpoint: AccuracyCheckpoint | None = None) -> tuple[float, list[float]]:
     """``(full-model top-1, [top-1 of each run])``; scores computed once per batch and scorer. A run whose
-    reducer counts its tokens per image (ATS) gets ``tokens`` = the mean over these images."""
+    reducer counts its tokens per image (ATS) gets ``tokens`` = the mean over these images. The counts saved to
+    / resumed from ``checkpoint`` after every batch."""
     from tqdm.auto import tqdm
 
     for r in runs:
@@ -348,13 +374,16 @@ def _methods_accuracy(model, images, labels, runs: list[BuiltMethod], batch_size
             r.scorer.reset()
         if r.reducer is not None:
             r.reducer.reset_observed()
-    full_correct, correct = 0, [0] * len(runs)
     n = images.shape[0]
+    state = {"full": 0, "correct": [0] * len(runs), "scorers": [None] * len(runs), "observed": [None] * len(runs)}
+    first = _resume(checkpoint, state, {"study": "methods", "runs": [[r.method, r.setting] for r in runs],
+                                        "batch_size": batch_size, "data": data_fingerprint(images, labels)})
+    _restore_runs(runs, state)
     with torch.inference_mode():
-        for start in tqdm(range(0, n, batch_size), desc="prune-eval --methods", disable=not progress):
+        for start in tqdm(range(first, n, batch_size), desc="prune-eval --methods", disable=not progress):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size].to(device)
-            full_correct += int((model(x).argmax(-1) == y).sum())
+            state["full"] += int((model(x).argmax(-1) == y).sum())
             scores: dict[tuple, torch.Tensor] = {}
             for i, r in enumerate(runs):
                 if r.needs_scores:
@@ -364,12 +393,25 @@ def _methods_accuracy(model, images, labels, runs: list[BuiltMethod], batch_size
                     out = r.module(x, scores=scores[r.scorer_key])
                 else:
                     out = r.module(x)
-                correct[i] += int((out.argmax(-1) == y).sum())
+                state["correct"][i] += int((out.argmax(-1) == y).sum())
+            if checkpoint is not None:
+                state["scorers"] = [r.scorer.get_state() if r.scorer is not None else None for r in runs]
+                state["observed"] = [r.reducer.observed_state() if r.reducer is not None else None for r in runs]
+                checkpoint.save(start + x.shape[0], state)
     for r in runs:
         seen = r.reducer.observed_tokens() if r.reducer is not None else None
         if seen is not None:
             r.tokens = seen
-    return full_correct / n, [c / n for c in correct]
+    return state["full"] / n, [c / n for c in state["correct"]]
+
+
+def _restore_runs(runs: list[BuiltMethod], state: dict) -> None:
+    """Put the saved random streams and observed token counts of a resumed pass back into the runs."""
+    for r, sc, seen in zip(runs, state["scorers"], state["observed"]):
+        if r.scorer is not None:
+            r.scorer.set_state(sc)
+        if r.reducer is not None:
+            r.reducer.load_observed(seen)
 
 
 def _method_rows(runs: list[BuiltMethod], full_top1, top1: list, timing: dict, num_tokens: int) -> list[dict]:
