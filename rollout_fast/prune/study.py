@@ -144,7 +144,7 @@ def _accuracy(model, images, labels, runs, keeps, *, batch_size, grid, device, p
     the counts saved to / resumed from ``checkpoint`` after every batch."""
     from tqdm.auto import tqdm
 
-    pruned = {r: prune_tokens(model, r, "random") for r in keeps}  # scores are passed in explicitly
+    pruned = {r: prune_tokens(model, r, "random") for r in keeps if r < 1.0}  # scores are passed in explicitly
     n = images.shape[0]
     state = {"full": 0, "correct": [[0] * len(keeps) for _ in runs], "scorers": [None] * len(runs)}
     first = _resume(checkpoint, state, {"study": "scorers", "runs": [m for m, _ in runs], "keeps": list(keeps),
@@ -155,11 +155,12 @@ def _accuracy(model, images, labels, runs, keeps, *, batch_size, grid, device, p
         for start in tqdm(range(first, n, batch_size), desc="prune-eval", disable=not progress):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size].to(device)
-            state["full"] += int((model(x).argmax(-1) == y).sum())
+            full = int((model(x).argmax(-1) == y).sum())
+            state["full"] += full
             for i, (_, sc) in enumerate(runs):
                 s = check_scores(sc.score(model, x), x.shape[0], grid, f"scorer {sc.name!r}")
-                for j, r in enumerate(keeps):
-                    state["correct"][i][j] += int((pruned[r](x, scores=s).argmax(-1) == y).sum())
+                for j, r in enumerate(keeps):  # keep 1.0 is the unpruned model exactly (tested): not rerun
+                    state["correct"][i][j] += full if r >= 1.0 else int((pruned[r](x, scores=s).argmax(-1) == y).sum())
             if checkpoint is not None:
                 state["scorers"] = [sc.get_state() for _, sc in runs]
                 checkpoint.save(start + x.shape[0], state)
