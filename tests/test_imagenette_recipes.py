@@ -192,3 +192,20 @@ def test_imagenette_comparison_fits_197_tokens(prune, tiny):
         assert max_merge(n, 1) >= 28
         n -= 28
     assert n == 29 and max_merge(197 - 5 * 29, 1) < 29
+
+
+def test_student_ceiling_scores_the_teacher_on_its_own_thumbnail(tiny, capsys):
+    """python/student_ceiling.py: the round trip keeps the shape (and is the identity at the image's own size);
+    the full-size 'thumbnail' scores exactly 1 against the teacher's rollout of the image."""
+    import torch
+
+    ceiling = _load("student_ceiling")
+    x = torch.rand(2, 3, 112, 112)
+    assert torch.equal(ceiling.thumbnail_round_trip(x, 112), x)
+    assert ceiling.thumbnail_round_trip(x, 28).shape == x.shape
+    assert ceiling.main(["--teacher", str(tiny[1]), "--data", str(tiny[0] / "val"), "--sizes", "28,112",
+                         "--limit", "6", "--batch-size", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "6 images" in lines[0] and lines[1].startswith("  28 px  kld ")
+    full = dict(zip(lines[2].split()[2::2], map(float, lines[2].split()[3::2])))
+    assert full["cc"] == pytest.approx(1.0, abs=1e-5) and full["recall@0.5"] == 1.0 and full["kld"] < 1e-5
