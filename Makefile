@@ -24,13 +24,23 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*)
 
 install: $(STAMP)
 
-# The demo's images: 20 CIFAR-10 test images from $(SHARED), or, where $(SHARED) is absent, the five sample
-# photographs shipped in the package (rollout_fast/assets/samples, public domain / CC0).
-DEMO_IMAGES = $(or $(wildcard $(SHARED)/data/cifar10/test/*/000[0-1].jpg),rollout_fast/assets/samples)
+# The demo's images: 16 Imagenette val photographs from $(SHARED) across the 10 classes (the first two of the
+# first six classes' sorted files, the first of the other four), explained by the Imagenette teacher and its
+# shipped student; where $(SHARED) is absent, the five sample photographs shipped in the package
+# (rollout_fast/assets/samples, public domain / CC0).
+DEMO_PHOTOS = n01440764/ILSVRC2012_val_00009111.jpg n01440764/ILSVRC2012_val_00009191.jpg \
+	n02102040/ILSVRC2012_val_00004650.jpg n02102040/ILSVRC2012_val_00007032.jpg \
+	n02979186/ILSVRC2012_val_00008651.jpg n02979186/ILSVRC2012_val_00020400.jpg \
+	n03000684/ILSVRC2012_val_00004262.jpg n03000684/ILSVRC2012_val_00007460.jpg \
+	n03028079/ILSVRC2012_val_00003351.jpg n03028079/ILSVRC2012_val_00003682.jpg \
+	n03394916/ILSVRC2012_val_00001492.jpg n03394916/ILSVRC2012_val_00003620.jpg \
+	n03417042/ILSVRC2012_val_00002210.jpg n03425413/ILSVRC2012_val_00000732.jpg \
+	n03445777/ILSVRC2012_val_00008161.jpg n03888257/ILSVRC2012_val_00001440.jpg
+DEMO_IMAGES = $(or $(wildcard $(addprefix $(SHARED)/data/imagenette/val/,$(DEMO_PHOTOS))),rollout_fast/assets/samples)
 
 demo: $(STAMP)
-	@test -d $(SHARED)/data/cifar10/test || echo "make demo: $(SHARED)/data/cifar10/test not found: using the sample photographs shipped in rollout_fast/assets/samples"
-	$(VENV)/bin/rollout-fast rollout $(DEMO_IMAGES) --student --overwrite --out $(DEMO_OUT)
+	@test -d $(SHARED)/data/imagenette/val || echo "make demo: $(SHARED)/data/imagenette/val not found: using the sample photographs shipped in rollout_fast/assets/samples"
+	$(VENV)/bin/rollout-fast rollout $(DEMO_IMAGES) --model imagenette-vit --student --overwrite --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

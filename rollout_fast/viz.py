@@ -277,9 +277,9 @@ def save_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], path: st
                 ax.imshow(upsample_map(m, img.shape[:2]), cmap="jet", alpha=0.5)
             if r == 0:
                 ax.set_title(name, fontsize=9)
-        if titles:
+        if titles:  # a caption may be wider than its panel: kept out of tight_layout, which would shrink them all
             axes[r, c0 * panels].text(0, -0.03, titles[i], transform=axes[r, c0 * panels].transAxes,
-                                      fontsize=7, va="top")
+                                      fontsize=7, va="top").set_in_layout(False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

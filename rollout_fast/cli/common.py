@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--pretrained`` | ``--checkpoint``, ``--device``, ``--batch-size``."""
-    p.add_argument("--model", default="cifar10-vit",
-                   help="'cifar10-vit' (embedded teacher, default), a timm model name, or a "
+def add_model_args(p: argparse.ArgumentParser, default: str = "cifar10-vit") -> None:
+    """``--model`` (default ``default``), ``--pretrained`` | ``--checkpoint``, ``--device``, ``--batch-size``."""
+    p.add_argument("--model", default=default,
+                   help=f"an embedded teacher ('{default}', the default; 'imagenette-vit' for photos of "
+                        "any size, 'cifar10-vit' for 32 px CIFAR-10 images), a timm model name, or a "
                         "rollout_fast .safetensors file with its .json card")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs internet)")

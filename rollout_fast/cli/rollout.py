@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     r = subparsers.add_parser("rollout", help="attention rollout maps, overlays and a grid for images")
     r.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
     r.add_argument("--out", required=True, help="output folder")
-    add_model_args(r)
+    add_model_args(r, default="imagenette-vit")  # real photos (issue 13); --model cifar10-vit stays
     r.add_argument("--method", choices=["attention", "grad"], default="attention",
                    help="attention rollout (default) or class-specific gradient rollout")
     r.add_argument("--target", type=int, default=None, metavar="CLASS",

@@ -27,7 +27,7 @@ def test_rollout_command_on_real_images(cifar10_test, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="broken.jpg"):
         code = main(["rollout", *files, str(broken), str(sub), "--out", str(out), "--batch-size", "2",
-                     "--no-progress", "--discard-ratio", "0.5"])
+                     "--model", "cifar10-vit", "--no-progress", "--discard-ratio", "0.5"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "skipped 4" in printed and "broken.jpg" in printed and str(out) in printed
@@ -78,12 +78,26 @@ def test_info_lists_backends_and_teacher():
 def test_rollout_command_draws_the_shipped_student(cifar10_test, tmp_path):
     files = [str(cifar10_test / c / "0000.jpg") for c in ("cat", "ship")]
     out = tmp_path / "out"
-    assert main(["rollout", *files, "--out", str(out), "--student", "--no-progress", "--no-overlays"]) == 0
+    assert main(["rollout", *files, "--out", str(out), "--model", "cifar10-vit", "--student", "--no-progress",
+                 "--no-overlays"]) == 0
     data = np.load(out / "rollout.npz")
     assert data["student_maps"].shape == data["maps"].shape == (2, 8, 8)
     assert np.isfinite(data["student_maps"]).all()
     np.testing.assert_allclose(data["student_maps"].max(axis=(1, 2)), 1.0, rtol=1e-5)
     assert np.corrcoef(data["student_maps"].ravel(), data["maps"].ravel())[0, 1] > 0.5
+
+
+@pytest.mark.slow
+def test_rollout_defaults_to_the_imagenette_teacher_and_its_student(imagenette_val, tmp_path):
+    """No --model: imagenette-vit (14 x 14 patch grid) on real photographs, with its shipped student."""
+    files = [str(sorted((imagenette_val / wnid).iterdir())[0]) for wnid in ("n02102040", "n03888257")]
+    out = tmp_path / "out"
+    assert main(["rollout", *files, "--out", str(out), "--student", "--no-progress", "--no-overlays"]) == 0
+    data = np.load(out / "rollout.npz")
+    assert data["maps"].shape == data["student_maps"].shape == (2, 14, 14)
+    assert list(data["predicted_label"]) == ["English springer", "parachute"]
+    np.testing.assert_allclose(data["student_maps"].max(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert np.corrcoef(data["student_maps"].ravel(), data["maps"].ravel())[0, 1] > 0.3
 
 
 def test_rollout_command_rejects_a_student_of_another_grid(tmp_path, capsys):

@@ -46,3 +46,20 @@ def test_save_grid_with_an_extra_column_and_at_most_max_images(tmp_path):
     assert _png(small) == _png(big) == "PNG"
     with Image.open(small) as a, Image.open(big) as b:
         assert a.size[1] < b.size[1] and a.size[0] < b.size[0]  # 3 rows x 2 panels vs 5 rows x 2 x 3 panels
+
+
+def test_a_long_caption_does_not_shrink_the_panels(tmp_path):
+    """Captions stay out of tight_layout: the panels of a grid with long captions are drawn exactly where those
+    of a grid with one-letter captions are (the first row's pixels are equal)."""
+    rng = np.random.default_rng(1)
+    images = [rng.random((112, 112, 3)) for _ in range(2)]
+    maps = [rng.random((14, 14)) for _ in range(2)]
+    short = save_grid(images, maps, tmp_path / "s.png", titles=["a", "b"], extra=[("student", maps)])
+    long = save_grid(images, maps, tmp_path / "l.png", titles=["ILSVRC2012_val_00009111.jpg: English springer"] * 2,
+                     extra=[("student", maps)])
+    with Image.open(short) as a, Image.open(long) as b:
+        a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape
+    top = a.shape[0] * 2 // 5  # the first row's panels, above its caption
+    assert np.array_equal(a[:top], b[:top])
+    assert (a[top:] != b[top:]).any()  # the captions themselves differ
