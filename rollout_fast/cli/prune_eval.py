@@ -83,6 +83,10 @@ def register(subparsers) -> None:
     p.add_argument("--rollout-discard", type=float, default=0.9, help="discard ratio of the 'rollout' scorer")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--throughput-only", action="store_true", help="only time the models (no top-1)")
+    p.add_argument("--top1-from", default=None, metavar="DIR",
+                   help="only time here (as --throughput-only) and take top-1 from the finished top-1 run in DIR "
+                        "(same model, data, student and scorer model; every method setting, or scorer and keep "
+                        "ratio, timed here): top-1 on a busy machine, timing on a quiet one")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 gives stable timings on a shared machine")
     p.add_argument("--no-progress", action="store_true")
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"rollout-fast prune-eval: {e}", file=sys.stderr)
         return 2
+    args.throughput_only = args.throughput_only or args.top1_from is not None
     import torch
 
     from ..checkpoint import check_output_dir
@@ -131,11 +136,19 @@ def run(args: argparse.Namespace) -> int:
         return _run_methods(args, opts["methods"], model, data_config, common, meta)
     from ..data import load_eval_data
     from ..prune import format_table, prune_eval, write_prune_eval
+    from ..prune.progress import merge_top1
 
+    try:
+        earlier = _top1_run(args, meta, scorers=opts["scorers"], keeps=opts["keeps"])
+    except ValueError as e:
+        print(f"rollout-fast prune-eval: {e}", file=sys.stderr)
+        return 2
     images, labels = load_eval_data(args.data, data_config, args.limit)
     result = prune_eval(model, images, labels, scorers=opts["scorers"], keeps=opts["keeps"], seeds=args.seeds,
                         **common)
     result["meta"].update(meta)
+    if earlier is not None:
+        merge_top1(result, earlier, args.top1_from, scorers=opts["scorers"], keeps=opts["keeps"])
     paths = write_prune_eval(result, args.out, overwrite=args.overwrite)
     if common["checkpoint"] is not None:
         common["checkpoint"].finish()
@@ -150,6 +163,7 @@ def _run_methods(args: argparse.Namespace, methods: list, model, data_config: di
     the data is read), then :func:`compare_methods`, the files and the table."""
     from ..capture import UnsupportedModelError
     from ..data import load_eval_data
+    from ..prune.progress import merge_top1
     from ..prune.report import format_methods_table, write_methods
     from ..prune.study import build_methods, compare_methods
 
@@ -157,19 +171,34 @@ def _run_methods(args: argparse.Namespace, methods: list, model, data_config: di
     scorer_opts = {k: common[k] for k in ("student", "thumbnail", "block", "rollout_discard_ratio", "scorer_model",
                                           "image_norm")}
     try:
-        build_methods(model, methods, size, **scorer_opts)
+        runs = build_methods(model, methods, size, **scorer_opts)
     except (ValueError, UnsupportedModelError) as e:
         print(f"rollout-fast prune-eval: --methods {e}", file=sys.stderr)
+        return 2
+    try:
+        earlier = _top1_run(args, meta, methods=[(r.method, r.setting) for r in runs])
+    except ValueError as e:
+        print(f"rollout-fast prune-eval: {e}", file=sys.stderr)
         return 2
     images, labels = load_eval_data(args.data, data_config, args.limit)
     result = compare_methods(model, images, labels, methods, **common)
     result["meta"].update(meta)
+    if earlier is not None:
+        merge_top1(result, earlier, args.top1_from)
     paths = write_methods(result, args.out, overwrite=args.overwrite)
     if common["checkpoint"] is not None:
         common["checkpoint"].finish()
     print(format_methods_table(result))
     print("written: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _top1_run(args: argparse.Namespace, meta: dict, **covers) -> dict | None:
+    """The earlier top-1 run named by ``--top1-from`` (None without it), checked to cover this run's methods
+    or scorers and keep ratios (:func:`~rollout_fast.prune.progress.read_top1_run`; ValueError otherwise)."""
+    from ..prune.progress import read_top1_run
+
+    return None if args.top1_from is None else read_top1_run(args.top1_from, meta, **covers)
 
 
 def _progress(args: argparse.Namespace, meta: dict, device: str):
@@ -199,9 +228,12 @@ def _options(args: argparse.Namespace) -> dict:
     scorer_timm_kwargs = key_values(args.scorer_timm_arg, "--scorer-timm-arg")
     if args.seeds < 1:
         raise ValueError("--seeds: expected >= 1")
-    if args.resume and (args.overwrite or args.throughput_only):
-        raise ValueError(f"--resume: continues a top-1 pass; not with "
-                         f"{'--overwrite' if args.overwrite else '--throughput-only'}")
+    clash = [o for o, on in (("--overwrite", args.overwrite), ("--throughput-only", args.throughput_only),
+                             ("--top1-from", args.top1_from)) if on]
+    if args.resume and clash:
+        raise ValueError(f"--resume: continues a top-1 pass; not with {clash[0]}")
+    if args.top1_from is not None and not batches:
+        raise ValueError("--top1-from: this run only times, but --throughput-batches is empty")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads: expected >= 1")
     used = {m.scorer for m in methods} if methods is not None else set(scorers)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PROGRESS_FILE", "AccuracyCheckpoint", "data_fingerprint"]
+__all__ = ["PROGRESS_FILE", "TOP1_KEYS", "AccuracyCheckpoint", "data_fingerprint", "merge_top1", "read_top1_run"]
 
 PROGRESS_FILE = "progress.json"
 
@@ -81,3 +81,78 @@ class AccuracyCheckpoint:
     def finish(self) -> None:
         """The pass is complete (its results are written by the caller): remove the progress file."""
         self.path.unlink(missing_ok=True)
+
+
+# what a timing run and the top-1 run it reads must share (prune-eval's meta)
+TOP1_KEYS = ("model", "checkpoint", "data", "student", "scorer_model")
+
+
+def read_top1_run(folder: str | os.PathLike, meta: dict, *, methods: list[tuple[str, str]] | None = None,
+                  scorers: list[str] | None = None, keeps: list[float] | None = None) -> dict:
+    """A finished top-1 run of ``prune-eval`` in ``folder``, checked to cover what a timing run measures.
+
+    Top-1 over thousands of photographs takes hours and may run on a busy machine at one thread; timing wants a
+    quiet one. ``prune-eval --throughput-only --top1-from FOLDER`` times here and takes top-1 from the earlier
+    run (:func:`merge_top1`).
+
+    Args:
+        folder: the earlier run's ``--out`` (its ``methods.json`` when ``methods`` is given, else
+            ``results.json``).
+        meta: this run's model, checkpoint, data, student and scorer model (:data:`TOP1_KEYS`), which the
+            earlier run must share.
+        methods: this run's (method, setting) pairs; or ``scorers`` x ``keeps`` (the scorer study).
+
+    Returns:
+        dict: the earlier run's result (``rows``, ``meta``, ...), as written.
+
+    Raises:
+        ValueError: no readable result in ``folder``, a timing-only run, another model / checkpoint / data /
+            student / scorer model, or a method setting (scorer and keep ratio) the earlier run lacks; the
+            message starts with ``--top1-from:``.
+    """
+    path = Path(folder) / ("methods.json" if methods is not None else "results.json")
+    try:
+        earlier = json.loads(path.read_text())
+        saved, rows = earlier["meta"], earlier["rows"]
+        have = {(r["method"], r["setting"]) if methods is not None else (r["scorer"], float(r["keep_ratio"]))
+                for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--top1-from: {str(path)!r} is not a prune-eval result ({type(e).__name__}: {e})") from None
+    if not saved.get("images"):
+        raise ValueError(f"--top1-from: {str(path)!r} holds no top-1 (a timing-only run)")
+    for k in TOP1_KEYS:
+        if saved.get(k) != meta.get(k):
+            raise ValueError(f"--top1-from: {str(path)!r} was made with another {k} ({saved.get(k)!r}, now "
+                             f"{meta.get(k)!r})")
+    want = list(methods) if methods is not None else [(s, float(k)) for s in scorers or [] for k in keeps or []]
+    missing = [w for w in want if w not in have]
+    if missing:
+        names = ", ".join(f"{a} {b}" for a, b in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ValueError(f"--top1-from: {str(path)!r} has no top-1 for {names}")
+    return earlier
+
+
+def merge_top1(result: dict, earlier: dict, folder: str | os.PathLike, *, scorers: list[str] | None = None,
+               keeps: list[float] | None = None) -> dict:
+    """``result`` (a timing-only run of :func:`~rollout_fast.prune.study.compare_methods` or
+    :func:`~rollout_fast.prune.study.prune_eval`) with top-1 taken from ``earlier``
+    (:func:`read_top1_run`): each method's top-1 and observed tokens per block (ATS counts its tokens per
+    image), or the scorer study's rows for ``scorers`` x ``keeps``; ``meta`` gets the earlier run's full top-1
+    and image count and ``top1_from`` (folder, date, threads and load average of that run). Returns ``result``,
+    changed in place."""
+    saved = earlier["meta"]
+    if "throughput" in result:  # the scorer study: its top-1 rows, for the scorers and keeps timed here
+        want = {(s, float(k)) for s in scorers or [] for k in keeps or []}
+        result["rows"] = [r for r in earlier["rows"] if (r["scorer"], float(r["keep_ratio"])) in want]
+    else:
+        by = {(r["method"], r["setting"]): r for r in earlier["rows"]}
+        for r in result["rows"]:
+            if r["method"] == "full":
+                r["top1"] = saved["full_top1"]
+            else:
+                src = by[(r["method"], r["setting"])]
+                r["top1"], r["tokens"] = src["top1"], src["tokens"]
+    result["meta"].update(full_top1=saved["full_top1"], images=saved["images"],
+                          top1_from={"folder": str(folder), **{k: saved.get(k) for k in
+                                                               ("date", "threads", "load_average")}})
+    return result

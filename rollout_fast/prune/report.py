@@ -153,6 +153,8 @@ def format_methods_table(result: dict) -> str:
             cells += [_fmt(t["images_per_s"], ".1f"), _fmt(t["speedup"], ".2f") + "x"]
         lines.append("| " + " | ".join(cells) + " |")
     seen = f"top-1 on {m['images']} images" if m["images"] else "throughput only"
+    if m.get("top1_from"):
+        seen += f" (from the run in {m['top1_from']['folder']})"
     threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
     lines.append(f"\n{m.get('model', 'model')}: {seen}; images/s on {m['device']} ({threads}), each method "
                  "timed in alternation with the full model, its own cost included")

@@ -184,3 +184,76 @@ def test_cli_resume_after_a_kill(tiny_cli, tmp_path, monkeypatch, capsys, extra)
 def test_cli_resume_misuse_is_one_line(tiny_cli, tmp_path, capsys, extra, message):
     assert _run([*tiny_cli, *extra, "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"rollout-fast prune-eval: {message}\n"
+
+
+@pytest.mark.parametrize("extra, name", [
+    (["--scorers", "random,cls-attention", "--keep", "1.0,0.5,0.25", "--seeds", "2"], "results.json"),
+    (["--methods", "random:keep=0.5:seed=0,1", "ats:keep=0.5:blocks=[1]", "tome:r=2"], "methods.json")])
+def test_cli_top1_from_times_here_and_takes_top1_from_the_earlier_run(tiny_cli, tmp_path, capsys, extra, name):
+    assert _run([*tiny_cli, *extra, "--out", str(tmp_path / "top1")]) == 0
+    timed = [*tiny_cli, *extra, "--throughput-batches", "2", "--throughput-time", "0.01", "--top1-from",
+             str(tmp_path / "top1"), "--out", str(tmp_path / "speed")]
+    assert _run(timed) == 0
+    top1, got = (json.loads((tmp_path / d / name).read_text()) for d in ("top1", "speed"))
+    assert got["meta"]["full_top1"] == top1["meta"]["full_top1"] and got["meta"]["images"] == 10
+    assert got["meta"]["top1_from"]["folder"] == str(tmp_path / "top1")
+    if name == "results.json":
+        assert got["rows"] == top1["rows"]  # every scorer and keep ratio, std of the seeds kept
+        assert {(t["scorer"], t["keep_ratio"]) for t in got["throughput"]} == {
+            ("full", 1.0), ("random", 0.5), ("random", 0.25), ("cls-attention", 0.5), ("cls-attention", 0.25)}
+        assert all(t["images_per_s"] > 0 for t in got["throughput"])
+    else:
+        want = {(r["method"], r["setting"]): (r["top1"], r["tokens"]) for r in top1["rows"]}
+        assert {(r["method"], r["setting"]): (r["top1"], r["tokens"]) for r in got["rows"]} == want
+        assert [r["batch"] for r in got["rows"]] == [2] * 5 and all(r["speedup"] > 0 for r in got["rows"])
+        table = (tmp_path / "speed" / "methods.md").read_text()
+        assert f"top-1 on 10 images (from the run in {tmp_path / 'top1'})" in table
+
+
+def test_cli_top1_from_refuses_what_the_earlier_run_does_not_cover(tiny_cli, tmp_path, capsys):
+    methods = ["--methods", "random:keep=0.5", "tome:r=2"]
+    assert _run([*tiny_cli, *methods, "--out", str(tmp_path / "top1")]) == 0
+    assert _run([*tiny_cli, *methods, "--throughput-batches", "2", "--throughput-time", "0.01",
+                 "--throughput-only", "--out", str(tmp_path / "timing")]) == 0
+    capsys.readouterr()
+    src = str(tmp_path / "top1" / "methods.json")
+    cases = [
+        (["--methods", "random:keep=0.5,0.25", "tome:r=2"], tmp_path / "top1",
+         f"--top1-from: {src!r} has no top-1 for random keep=0.25"),
+        (methods, tmp_path / "timing",
+         f"--top1-from: {str(tmp_path / 'timing' / 'methods.json')!r} holds no top-1 (a timing-only run)"),
+        (methods, tmp_path / "nowhere",
+         f"--top1-from: {str(tmp_path / 'nowhere' / 'methods.json')!r} is not a prune-eval result (FileNotFound"),
+        (["--scorers", "random", "--keep", "0.5"], tmp_path / "top1",
+         f"--top1-from: {str(tmp_path / 'top1' / 'results.json')!r} is not a prune-eval result (FileNotFoundError"),
+    ]
+    for i, (argv, folder, message) in enumerate(cases):
+        code = _run([*tiny_cli, *argv, "--throughput-batches", "2", "--top1-from", str(folder),
+                     "--out", str(tmp_path / f"o{i}")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"rollout-fast prune-eval: {message}") and err.count("\n") == 1, err
+        assert not (tmp_path / f"o{i}").exists()  # refused before any compute or output
+
+
+def test_cli_top1_from_refuses_another_data_folder(tiny_cli, tmp_path, capsys):
+    import shutil
+
+    methods = ["--methods", "random:keep=0.5"]
+    assert _run([*tiny_cli, *methods, "--out", str(tmp_path / "top1")]) == 0
+    shutil.copytree(tmp_path / "data", tmp_path / "data2")
+    argv = [*tiny_cli, *methods, "--throughput-batches", "2", "--top1-from", str(tmp_path / "top1"),
+            "--out", str(tmp_path / "o"), "--data", str(tmp_path / "data2")]
+    capsys.readouterr()
+    assert _run(argv) == 2
+    src = str(tmp_path / "top1" / "methods.json")
+    assert capsys.readouterr().err == (f"rollout-fast prune-eval: --top1-from: {src!r} was made with another data "
+                                       f"({str(tmp_path / 'data')!r}, now {str(tmp_path / 'data2')!r})\n")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resume", "--top1-from", "x"], "--resume: continues a top-1 pass; not with --top1-from"),
+    (["--top1-from", "x"], "--top1-from: this run only times, but --throughput-batches is empty"),
+])
+def test_cli_top1_from_misuse_is_one_line(tiny_cli, tmp_path, capsys, extra, message):
+    assert _run([*tiny_cli, "--methods", "random:keep=0.5", *extra, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"rollout-fast prune-eval: {message}\n"
