@@ -11,9 +11,8 @@ overlays, <= 2 with every overlay). A small job runs first (imports, matplotlib,
 figure is warm; the jobs' fixed costs (the grid figure, the manifest's weight hash) remain in theirs.
 
 Data (each when present, else skipped with a note): ``../shared/data/cifar10/test`` with the embedded teacher
-``cifar10-vit``, ``../shared/data/imagenette/val`` with ``--imagenette-model`` (default: the teacher that
-``python/train_teacher.py --recipe imagenette-vit`` writes to runs/teacher-imagenette-vit/teacher.safetensors,
-when it exists). The N files are spread evenly over each sorted folder (all classes).
+``cifar10-vit``, ``../shared/data/imagenette/val`` with ``--imagenette-model`` (default: the embedded teacher
+``imagenette-vit``). The N files are spread evenly over each sorted folder (all classes).
 
 Usage::
 
@@ -56,11 +55,7 @@ def datasets(args) -> list[tuple[str, Path, str | None]]:
     if args.only in (None, "cifar10"):
         out.append(("cifar10", Path(args.cifar10), "cifar10-vit"))
     if args.only in (None, "imagenette"):
-        model = args.imagenette_model
-        default = REPO / "runs" / "teacher-imagenette-vit" / "teacher.safetensors"
-        if model is None and default.is_file() and default.with_suffix(".json").is_file():
-            model = str(default)
-        out.append(("imagenette", Path(args.imagenette), model))
+        out.append(("imagenette", Path(args.imagenette), args.imagenette_model))
     return out
 
 
@@ -158,7 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["cifar10", "imagenette"], default=None)
     p.add_argument("--cifar10", default=str(SHARED / "cifar10" / "test"))
     p.add_argument("--imagenette", default=str(SHARED / "imagenette" / "val"))
-    p.add_argument("--imagenette-model", default=None, help="teacher for Imagenette (.safetensors + card, timm name)")
+    p.add_argument("--imagenette-model", default="imagenette-vit",
+                   help="teacher for Imagenette (an embedded name, .safetensors + card, timm name)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=4096)
@@ -180,7 +176,7 @@ def main(argv=None) -> int:
     print("|---|---|---:|---|---:|---:|---:|")
     for name, folder, model_name in datasets(args):
         if not folder.is_dir() or model_name is None:
-            why = f"no folder {folder}" if not folder.is_dir() else "no model (pass --imagenette-model)"
+            why = f"no folder {folder}" if not folder.is_dir() else "no model"
             print(f"| {name} | - | - | skipped: {why} | | | |")
             continue
         files = spread(collect_images([folder]), args.images)
