@@ -124,6 +124,10 @@ class OverlayRenderer:
         title: whether overlays have a title (the layout leaves room for it).
     """
 
+    # zlib level of the PNGs: lossless at any level; 1 encodes a 400 x 340 overlay about 3x faster than PIL's
+    # default 6 (the encoding was most of an overlay's cost), for files about a quarter larger
+    PNG_LEVEL = 1
+
     def __init__(self, size: tuple[int, int], title: bool = True, alpha: float = 0.5, cmap: str = "jet"):
         import matplotlib
         from matplotlib.font_manager import FontProperties, findfont
@@ -210,10 +214,11 @@ class OverlayRenderer:
 
     def save(self, image: np.ndarray, rollout_map: np.ndarray, path: str | os.PathLike,
              title: str | None = None) -> Path:
-        """Render and write the overlay PNG at ``path`` (parent folders created)."""
+        """Render and write the overlay PNG at ``path`` (parent folders created), zlib level
+        :attr:`PNG_LEVEL`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.render(image, rollout_map, title).save(path, format="PNG")
+        self.render(image, rollout_map, title).save(path, format="PNG", compress_level=self.PNG_LEVEL)
         return path
 
 
