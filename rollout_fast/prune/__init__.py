@@ -61,7 +61,6 @@ from .inner import METHODS, ReducedViT, TokenReducer, method_names, reduce_token
 from .keep import check_keep_ratio, keep_count
 from .merge import ToMe
 from .model import PrunedViT, TokenPruner, prune_tokens
-from .smerge import ScoredMerge
 from .report import format_table, plot_prune_eval, write_prune_eval
 from .scorers import (
     SCORERS,
@@ -76,6 +75,8 @@ from .scorers import (
     register_scorer,
     scorer_names,
 )
+from .smerge import ScoredMerge
+from .stratify import stratified_scores
 from .study import prune_eval
 from .timing import measure_speedup, measure_throughput
 
@@ -114,5 +115,6 @@ __all__ = [
     "register_method",
     "register_scorer",
     "scorer_names",
+    "stratified_scores",
     "write_prune_eval",
 ]

@@ -343,7 +343,7 @@ def reduce_tokens(model: nn.Module, method="tome", **settings) -> ReducedViT:
 
 def prune_and_reduce(model: nn.Module, keep_ratio: float, scorer="student", method="tome",
                      settings: dict | None = None, *, scorer_options: dict | None = None,
-                     backend: str = "auto") -> PrunedViT:
+                     backend: str = "auto", stratify: bool = False) -> PrunedViT:
     """Pre-select patch tokens with a scorer, then reduce the kept tokens inside the network.
 
     ``prune_and_reduce(model, 0.75, "student", "tome", {"r": 4}, scorer_options={"student": s})``: the model keeps
@@ -364,7 +364,7 @@ def prune_and_reduce(model: nn.Module, keep_ratio: float, scorer="student", meth
             kept tokens, in their order) in ``state['scores']``; give it ``keep_ratio=1.0`` here and its own
             ``{"keep_ratio": ...}`` (the scores are computed although nothing is dropped before it).
         scorer_options: keywords of :func:`~rollout_fast.prune.make_scorer` (``student``, ``seed``, ...).
-        backend: the top-k gather backend.
+        backend: the top-k gather backend. stratify: stratified top-k pre-selection (see ``prune_tokens``).
 
     Returns:
         :class:`~rollout_fast.prune.PrunedViT` whose ``vit.blocks`` is a :class:`ReducingBlocks` (its
@@ -379,7 +379,7 @@ def prune_and_reduce(model: nn.Module, keep_ratio: float, scorer="student", meth
     """
     reducer = _make_reducer(method, dict(settings or {}))
     _require_reducible(model)
-    pruned = prune_tokens(model, keep_ratio, scorer, backend=backend, **(scorer_options or {}))
+    pruned = prune_tokens(model, keep_ratio, scorer, backend=backend, stratify=stratify, **(scorer_options or {}))
     img = getattr(model.patch_embed, "img_size", None)
     layout = token_layout(model, tuple(img) if img is not None else (224, 224))
     reducer.bind(model, layout)

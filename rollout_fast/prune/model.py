@@ -14,6 +14,7 @@ from ..capture import UnsupportedModelError, default_input_size, describe_model,
 from ..ops import GATHER_BACKENDS, topk_gather
 from .keep import check_keep_ratio, keep_count
 from .scorers import PatchScorer, StudentScorer, check_scores, make_scorer
+from .stratify import stratified_scores
 
 __all__ = ["PrunedViT", "TokenPruner", "prune_tokens"]
 
@@ -62,16 +63,20 @@ class TokenPruner(nn.Module):
 
     The scores come from :meth:`PrunedViT.forward` (``pending``, set for one forward) or, for a scorer with
     ``uses_tokens``, from the tokens themselves. ``k = keep_count(keep_ratio, G)``; at ``k == G`` the tokens
-    pass through untouched (no scoring). ``last_indices``: int64 ``(B, k)`` kept patch indices of the last
-    forward (None when nothing was dropped).
+    pass through untouched (no scoring). ``stratify``: stratified top-k on the patch grid ``grid`` (set by
+    :meth:`PrunedViT.forward` for each call; :func:`~rollout_fast.prune.stratify.stratified_scores`) instead of
+    plain top-k. ``last_indices``: int64 ``(B, k)`` kept patch indices of the last forward (None when nothing
+    was dropped).
     """
 
     def __init__(self, keep_ratio: float, num_prefix_tokens: int, scorer: PatchScorer | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", stratify: bool = False):
         super().__init__()
         self.keep_ratio = check_keep_ratio(keep_ratio)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.backend = backend
+        self.stratify = bool(stratify)
+        self.grid: tuple[int, int] | None = None
         object.__setattr__(self, "_scorer", scorer)  # not a submodule: it may hold the model itself
         object.__setattr__(self, "_owner", None)     # the pruned model copy (set by prune_tokens)
         self.pending: torch.Tensor | None = None
@@ -79,7 +84,8 @@ class TokenPruner(nn.Module):
         self.score_always = False  # score also when nothing is dropped (an in-network method reads .pending)
 
     def extra_repr(self) -> str:
-        return f"keep_ratio={self.keep_ratio}, num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"
+        return (f"keep_ratio={self.keep_ratio}, num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"
+                + (", stratify=True" if self.stratify else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         P = self.num_prefix_tokens
@@ -100,6 +106,11 @@ class TokenPruner(nn.Module):
         if tuple(scores.shape) != (x.shape[0], G):
             raise ValueError(f"scorer: scores of shape {tuple(scores.shape)} for {x.shape[0]} images of "
                              f"{G} patch tokens")
+        if self.stratify:
+            if self.grid is None or self.grid[0] * self.grid[1] != G:
+                raise RuntimeError(f"TokenPruner: stratify needs the patch grid of these {G} patch tokens; call the "
+                                   "PrunedViT, not its .vit")
+            scores = stratified_scores(scores, self.grid, k)
         kept, idx = topk_gather(x, scores.to(x.device), k, P, backend=self.backend)
         self.last_indices = idx
         return kept
@@ -128,11 +139,12 @@ class PrunedViT(nn.Module):
     ``.last_indices`` the kept patch indices of the last call.
     """
 
-    def __init__(self, model: nn.Module, keep_ratio: float, scorer: PatchScorer, backend: str = "auto"):
+    def __init__(self, model: nn.Module, keep_ratio: float, scorer: PatchScorer, backend: str = "auto",
+                 stratify: bool = False):
         super().__init__()
         spec = describe_model(model)
         P = spec.layout(default_input_size(model)).num_prefix_tokens
-        pruner = TokenPruner(keep_ratio, P, scorer, backend)
+        pruner = TokenPruner(keep_ratio, P, scorer, backend, stratify)
         if spec.family == "timm":
             self.vit = _shallow_copy(model, pruner)
             object.__setattr__(self, "_first_block", None)
@@ -176,11 +188,11 @@ class PrunedViT(nn.Module):
         elif (keep_count(self.keep_ratio, G) < G or pruner.score_always) and not self.scorer.uses_tokens:
             who = f"scorer {getattr(self.scorer, 'name', '')!r}".replace(" ''", "")
             scores = check_scores(self.scorer.score(self.original, images), images.shape[0], layout.grid, who)
-        pruner.pending = scores
+        pruner.pending, pruner.grid = scores, layout.grid
         try:
             return self.vit(images) if self._first_block is None else self._hooked_forward(images)
         finally:
-            pruner.pending = None
+            pruner.pending, pruner.grid = None, None
 
     def _hooked_forward(self, images: torch.Tensor):
         """The model's forward with the pruner applied to the first block's input tokens (B, N, D)."""
@@ -201,7 +213,7 @@ class PrunedViT(nn.Module):
 
 
 def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *, backend: str = "auto",
-                 **scorer_kwargs) -> PrunedViT:
+                 stratify: bool = False, **scorer_kwargs) -> PrunedViT:
     """A version of ``model`` that keeps only the prefix tokens and the top ``round(keep_ratio * G)`` patches.
 
     Args:
@@ -216,6 +228,8 @@ def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *,
             :class:`PatchScorer`, or a callable
             ``images (B, 3, H, W) -> (B, G) or (B, gh, gw)`` float scores (larger = keep).
         backend: :func:`rollout_fast.topk_gather` backend ('auto' picks the compiled/Triton kernel).
+        stratify: keep the best patches of every window of the patch grid first (stratified top-k,
+            :mod:`rollout_fast.prune.stratify`), so the kept tokens cover the image; default plain top-k.
         **scorer_kwargs: passed to :func:`make_scorer` (``seed``, ``student``, ``thumbnail``, ``block``,
             ``rollout_discard_ratio``, ``head_fusion``, ``scorer_model``, ``image_norm``).
 
@@ -244,4 +258,4 @@ def prune_tokens(model: nn.Module, keep_ratio: float, scorer="cls-attention", *,
         if sg is not None and sg != mg:
             raise ValueError(f"student: predicts a {sg[0]}x{sg[1]} grid but the model's patch grid is "
                              f"{mg[0]}x{mg[1]}; use a student trained for this model")
-    return PrunedViT(model, keep_ratio, sc, backend)
+    return PrunedViT(model, keep_ratio, sc, backend, stratify)

@@ -15,14 +15,14 @@ from .scorers import scorer_names
 __all__ = ["PRESELECT_POINTS", "MethodSpec", "OperatingPoint", "parse_method"]
 
 PRESELECT_POINTS = (0.75, 0.5, 0.4, 0.25)  # keep ratios a pre-block scorer is evaluated at unless told
-_SCORER_KEYS = ("keep_ratio", "seed")
+_SCORER_KEYS = ("keep_ratio", "seed", "stratify")
 _ALIASES = {"keep": "keep_ratio"}
 
 
 @dataclass(frozen=True)
 class OperatingPoint:
     """One setting of a method: ``label`` ('keep=0.5 r=4', as in the tables), the scorer's settings
-    (``keep_ratio``, ``seed``) and the in-network method's (its own argument names)."""
+    (``keep_ratio``, ``seed``, ``stratify``: stratified top-k) and the in-network method's (its own argument names)."""
 
     label: str
     scorer: dict
@@ -150,6 +150,8 @@ def _check_values(kind: str, key: str, values: list) -> list:
                 check_keep_ratio(r)
         elif kind == "scorer" and key == "seed" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ValueError(f"seed: expected a non-negative int, got {v!r}")
+        elif kind == "scorer" and key == "stratify" and not isinstance(v, bool):
+            raise ValueError(f"stratify: expected true or false, got {v!r}")
     return values
 
 

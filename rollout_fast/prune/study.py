@@ -17,7 +17,8 @@ A method of :func:`compare_methods` is a spec string ``NAME[:KEY=V1,V2,...]...``
   So a new scorer or method is one registry entry, usable here with no other change.
 - ``KEY=V1,V2``: the operating points of one setting; values are JSON (numbers, ``true``, ``[1,2,3]``;
   commas inside brackets do not split). Keys: a scorer's ``keep`` (= ``keep_ratio``, default
-  :data:`PRESELECT_POINTS`) and ``seed``; a method's own arguments (ToMe ``r``, ``prop_attn``; EViT
+  :data:`PRESELECT_POINTS`), ``seed`` and ``stratify`` (``true``: stratified top-k,
+  :mod:`~rollout_fast.prune.stratify`); a method's own arguments (ToMe ``r``, ``prop_attn``; EViT
   ``keep`` = ``keep_ratio``, ``blocks``, ``fuse``; ATS ``keep``, ``blocks``; defaults: its ``operating_points``). In ``SCORER+METHOD``
   a key goes to the scorer when both have it; ``METHOD.KEY`` (``evit.keep``) names the other.
 - Several keys: every combination (``student+tome:keep=0.75,0.5:r=2,4`` is four operating points).
@@ -297,10 +298,11 @@ def _build_one(model, spec: MethodSpec, pt: OperatingPoint, scorers: dict, optio
     if key not in scorers:
         scorers[key] = make_scorer(spec.scorer, seed=key[1], **options)
     sc, keep = scorers[key], pt.scorer.get("keep_ratio", 1.0)  # 1.0: a method ranking by the scores (smerge)
-    k = keep_count(keep, G)
+    k, stratify = keep_count(keep, G), pt.scorer.get("stratify", False)
     if spec.reducer is None:
-        return BuiltMethod(spec.name, pt.label, prune_tokens(model, keep, sc), sc, key, k < G, [P + k] * depth)
-    module = prune_and_reduce(model, keep, sc, spec.reducer, pt.reducer)
+        return BuiltMethod(spec.name, pt.label, prune_tokens(model, keep, sc, stratify=stratify), sc, key, k < G,
+                           [P + k] * depth)
+    module = prune_and_reduce(model, keep, sc, spec.reducer, pt.reducer, stratify=stratify)
     reducer = module.vit.blocks.reducer
     return BuiltMethod(spec.name, pt.label, module, sc, key, k < G or module.pruner.score_always,
                        reducer.plan(P + k)[:-1], reducer)
