@@ -53,8 +53,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def train_variants(args, data: str, out: Path) -> list[dict]:
-    """Train (or resume, or skip when finished) every variant; one result row each."""
-    rows = []
+    """Train (or resume, or skip when finished) every requested variant; then one result row for every finished
+    variant in ``out`` (those of earlier ``--only`` calls too), in :data:`VARIANTS` order."""
     for variant in args.variants:
         cfg = load_recipe(args.recipe, epochs=args.epochs)
         cfg.arch.update(variant=variant, **({"width": args.width} if args.width else {}))
@@ -63,16 +63,20 @@ def train_variants(args, data: str, out: Path) -> list[dict]:
             command = (f"python python/train_ltpa.py --recipe {args.recipe} --data {data} --out {out} "
                        f"--only {variant} --epochs {cfg.epochs}" + (f" --width {args.width}" if args.width else ""))
             train_teacher(data, run, cfg, resume=(run / "last.pt").is_file(), command=command)
-        card = json.loads((run / "teacher.json").read_text())
-        with open(run / "log.csv") as f:
-            seconds = sum(float(r["seconds"]) for r in csv.DictReader(f))
-        model = create_model(card["arch"]).eval()
-        size = card["arch"]["img_size"]
-        rows.append({"variant": variant, "top1": card["test_top1"], "images": card["test_images"],
-                     "params": sum(p.numel() for p in model.parameters()),
-                     "macs": count_macs(model, torch.zeros(1, 3, size, size)),
-                     "train_minutes": round(seconds / 60, 1), "epochs": cfg.epochs, "run": str(run)})
-    return rows
+    return [_result_row(out / v, v) for v in VARIANTS if (out / v / "teacher.json").is_file()]
+
+
+def _result_row(run: Path, variant: str) -> dict:
+    card = json.loads((run / "teacher.json").read_text())
+    with open(run / "log.csv") as f:
+        log = list(csv.DictReader(f))
+    model = create_model(card["arch"]).eval()
+    size = card["arch"]["img_size"]
+    return {"variant": variant, "top1": card["test_top1"], "images": card["test_images"],
+            "params": sum(p.numel() for p in model.parameters()),
+            "macs": count_macs(model, torch.zeros(1, 3, size, size)),
+            "train_minutes": round(sum(float(r["seconds"]) for r in log) / 60, 1), "epochs": len(log),
+            "run": str(run)}
 
 
 def results_md(rows: list[dict]) -> str:
