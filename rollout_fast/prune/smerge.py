@@ -46,6 +46,7 @@ import torch
 
 from .inner import TokenReducer, register_method
 from .keep import check_keep_ratio, keep_count
+from .stratify import stratified_scores
 
 __all__ = ["ScoredMerge", "scored_merge"]
 
@@ -110,7 +111,10 @@ class ScoredMerge(TokenReducer):
 
     Settings: ``keep_ratio`` (a fraction of the patch tokens in (0, 1], or a non-increasing list: the first
     before the blocks, the others after ``blocks``); ``blocks`` (increasing block indices, one per later
-    stage, default none); ``rest`` ('merge' | 'fuse' | 'drop'); ``prop_attn`` (default True). ``keep_ratio=1.0``
+    stage, default none); ``rest`` ('merge' | 'fuse' | 'drop'); ``prop_attn`` (default True); ``stratify``
+    (default False: plain top-k; True: the pre-block stage keeps the stratified top-k of the scores,
+    :mod:`~rollout_fast.prune.stratify`, so the kept tokens cover the patch grid, and the tokens carry the
+    stratified ranking, reserved patches first, into the later stages). ``keep_ratio=1.0``
     runs the unmodified model (no interception at all). ``prune-eval --methods student+smerge`` evaluates
     keep_ratio = 0.625, 0.5, 0.375, 0.25, 0.1875 unless told.
     """
@@ -118,22 +122,29 @@ class ScoredMerge(TokenReducer):
     uses_scores = True
     operating_points: ClassVar[dict[str, tuple]] = {"keep_ratio": (0.625, 0.5, 0.375, 0.25, 0.1875)}
 
-    def __init__(self, keep_ratio=0.375, blocks=(), rest: str = "merge", prop_attn: bool = True):
+    def __init__(self, keep_ratio=0.375, blocks=(), rest: str = "merge", prop_attn: bool = True,
+                 stratify: bool = False):
         super().__init__()
         self.keep_ratio = keep_ratio
         self.blocks = blocks
         self.rest = rest
         self.prop_attn = bool(prop_attn)
+        self.stratify = stratify
+        self.grid: tuple[int, int] | None = None
         self.ratios: list[float] = []
         self.stages: dict[int, float] = {}
         self.depth = 0
 
     def extra_repr(self) -> str:
-        return f"keep_ratio={self.keep_ratio!r}, blocks={self.blocks!r}, rest={self.rest!r}, prop_attn={self.prop_attn}"
+        return (f"keep_ratio={self.keep_ratio!r}, blocks={self.blocks!r}, rest={self.rest!r}, prop_attn={self.prop_attn}"
+                + (", stratify=True" if self.stratify else ""))
 
     def bind(self, model, layout) -> None:
         if self.rest not in RESTS:
             raise ValueError(f"rest: expected one of {RESTS}, got {self.rest!r}")
+        if not isinstance(self.stratify, bool):
+            raise ValueError(f"stratify: expected true or false, got {self.stratify!r}")  # noqa: TRY004
+        self.grid = tuple(layout.grid)
         ratios = list(self.keep_ratio) if isinstance(self.keep_ratio, (list, tuple)) else [self.keep_ratio]
         ratios = [check_keep_ratio(r) for r in ratios]
         if not ratios or any(b > a for a, b in zip(ratios, ratios[1:])):
@@ -178,8 +189,13 @@ class ScoredMerge(TokenReducer):
     def before(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         G = x.shape[1] - self.num_prefix_tokens
         state["G"] = G
-        x, state["scores"], size = scored_merge(x, state.get("scores"), keep_count(self.ratios[0], G), None, None,
-                                               self.num_prefix_tokens, self.rest)
+        k, scores = keep_count(self.ratios[0], G), state.get("scores")
+        if self.stratify and scores is not None and k < G:
+            if self.grid is None or self.grid[0] * self.grid[1] != G:
+                raise ValueError(f"stratify: {G} patch tokens enter the blocks, not the {self.grid} patch grid "
+                                 "(a scorer's own pre-selection, or another image size)")
+            scores = stratified_scores(scores, self.grid, k)
+        x, state["scores"], size = scored_merge(x, scores, k, None, None, self.num_prefix_tokens, self.rest)
         if x.shape[1] < G + self.num_prefix_tokens and self.rest != "drop":  # 'drop': every size stays 1
             state["size"] = size
         state["x_tokens"] = x.shape[1]

@@ -127,3 +127,36 @@ def test_bad_input_is_refused_in_one_line(args, message):
     with pytest.raises(ValueError) as e:
         stratified_scores(*args)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("keep, blocks", [(0.5, ()), (0.25, ()), ([0.375, 0.125], [1])])
+def test_smerge_stratified_equals_smerge_on_the_stratified_scores(keep, blocks):
+    from rollout_fast.prune.inner import prune_and_reduce
+
+    model = MODELS["vit"]()
+    x = images_for("vit")
+    grid = token_layout(model, tuple(x.shape[-2:])).grid
+    G = grid[0] * grid[1]
+    scores = torch.randn(x.shape[0], G, generator=torch.Generator().manual_seed(7))
+    k = keep_count(keep[0] if isinstance(keep, list) else keep, G)
+    settings = {"keep_ratio": keep, "blocks": blocks}
+    with torch.no_grad():
+        got = prune_and_reduce(model, 1.0, lambda im: None, "smerge", {**settings, "stratify": True})(x, scores=scores)
+        want = prune_and_reduce(model, 1.0, lambda im: None, "smerge", settings)(
+            x, scores=stratified_scores(scores, grid, k))
+        plain = prune_and_reduce(model, 1.0, lambda im: None, "smerge", settings)(x, scores=scores)
+        unpruned = prune_and_reduce(model, 1.0, lambda im: None, "smerge", {"keep_ratio": 1.0, "stratify": True})(
+            x, scores=scores)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, plain, atol=1e-4), "same as plain top-k: the test proves nothing"
+    assert torch.equal(unpruned, model(x))
+
+
+def test_smerge_stratify_setting_and_errors():
+    from rollout_fast.prune.inner import prune_and_reduce
+
+    spec = parse_method("student+smerge:keep=0.25:stratify=true")
+    assert [(p.label, p.scorer, p.reducer) for p in spec.points] == [
+        ("keep=0.25 stratify=true", {}, {"keep_ratio": 0.25, "stratify": True})]
+    with pytest.raises(ValueError, match=r"^stratify: expected true or false, got 'yes'$"):
+        prune_and_reduce(MODELS["vit"](), 1.0, lambda im: None, "smerge", {"keep_ratio": 0.5, "stratify": "yes"})
