@@ -88,6 +88,10 @@ def register(subparsers) -> None:
                    help="only time here (as --throughput-only) and take top-1 from the finished top-1 run in DIR "
                         "(same model, data, student and scorer model; every method setting, or scorer and keep "
                         "ratio, timed here): top-1 on a busy machine, timing on a quiet one")
+    p.add_argument("--fuse-conv-bn", action="store_true",
+                   help="fold every BatchNorm into the convolution before it in the model (a convolutional stem) "
+                        "and the student, with channels-last weights (rollout_fast.fuse.fuse_conv_bn; the same "
+                        "outputs up to float rounding, checked): the full and the pruned models both run fused")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 gives stable timings on a shared machine")
     p.add_argument("--no-progress", action="store_true")
@@ -119,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, data_config = load_teacher(args.model, checkpoint=args.checkpoint, device=device, **opts["timm_kwargs"])
+    if args.fuse_conv_bn:
+        model, opts["student"] = _fuse_conv_bn(model, opts["student"], data_config, args.student_thumbnail, device)
     try:
         scorer_model = _load_scorer_model(args, opts, model, data_config, device)
     except ValueError as e:
@@ -133,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "checkpoint": args.checkpoint, "data": str(args.data),
             "student": opts["student_name"], "scorer_model": args.scorer_model}
     common["checkpoint"] = None if args.throughput_only else _progress(args, meta, device)
+    meta["fuse_conv_bn"] = bool(args.fuse_conv_bn)  # recorded, not a top-1 key: fusion changes logits by ~1e-6
     if opts["methods"] is not None:
         return _run_methods(args, opts["methods"], model, data_config, common, meta)
     from ..data import load_eval_data
@@ -209,7 +216,8 @@ def _progress(args: argparse.Namespace, meta: dict, device: str):
 
     key = {**meta, "timm_args": args.timm_arg, "limit": args.limit, "seeds": args.seeds,
            "student_thumbnail": args.student_thumbnail, "scorer_checkpoint": args.scorer_checkpoint,
-           "cls_block": args.cls_block, "rollout_discard": args.rollout_discard, "device": device}
+           "cls_block": args.cls_block, "rollout_discard": args.rollout_discard, "device": device,
+           "fuse_conv_bn": bool(args.fuse_conv_bn)}
     return AccuracyCheckpoint(Path(args.out) / PROGRESS_FILE, key, resume=args.resume)
 
 
@@ -329,3 +337,22 @@ def _student(args: argparse.Namespace, option: str = "--scorers"):
     except ValueError as e:
         raise ValueError(f"--student-thumbnail: {e}") from None
     return student, name
+
+
+def _fuse_conv_bn(model, student, data_config: dict, thumbnail: int | None, device):
+    """``--fuse-conv-bn``: the model and the student (when there is one) with their BatchNorms folded
+    (:func:`rollout_fast.fuse.fuse_conv_bn`, checked on two random images of the input size each)."""
+    import torch
+
+    from ..fuse import fuse_conv_bn
+
+    h, w = (int(s) for s in data_config["input_size"][-2:])
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, h, w, generator=gen).to(device)
+    model, _ = fuse_conv_bn(model, example)
+    if isinstance(student, torch.nn.Module):
+        side = (h, w) if thumbnail is None else (thumbnail, thumbnail)
+        param = next(student.parameters(), None)
+        example = torch.randn(2, 3, *side, generator=gen).to(param.device if param is not None else "cpu")
+        student, _ = fuse_conv_bn(student, example)
+    return model, student

@@ -214,3 +214,53 @@ def test_prune_eval_scorers_with_a_scorer_model(tiny_folder, tmp_path):
     assert rows[("model-rollout", 0.5)]["tokens_kept"] == 8
     assert {(t["scorer"], t["keep_ratio"]) for t in res["throughput"]} == {("full", 1.0), ("random", 0.5),
                                                                            ("model-rollout", 0.5)}
+
+
+def test_prune_eval_fuse_conv_bn_on_a_conv_stem_teacher(tiny_folder, tmp_path, monkeypatch):
+    """--fuse-conv-bn: the same top-1 as without it (the folded model computes the same logits), recorded in meta;
+    a tiny conv-stem ViT saved with its card, the random scorer."""
+    from rollout_fast.checkpoint import save_weights, write_json
+    from rollout_fast.models import create_vit
+    from rollout_fast.teacher import teacher_data_config
+
+    torch.manual_seed(0)
+    arch = {"img_size": 32, "patch_size": 8, "num_classes": 2, "embed_dim": 32, "depth": 1, "num_heads": 2,
+            "embed_layer": {"name": "conv_stem", "convs_per_stage": 1}}
+    model = create_vit(arch)
+    for m in model.modules():  # running statistics far from the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "tiny.safetensors"
+    save_weights(path, model.state_dict())
+    write_json(path.with_suffix(".json"), {"name": "tiny", "arch": arch, "data_config": teacher_data_config(32)})
+    from rollout_fast.students import create_student, save_student
+
+    student = create_student("resnet-cifar", factor=2, input_size=(32, 32), grid=(4, 4), channels=[4, 4, 8, 8])
+    for m in student.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+    st_path, _ = save_student(tmp_path / "student.safetensors", student.eval(), {"teacher": "tiny"})
+    import rollout_fast.fuse
+
+    folded = []
+    real = rollout_fast.fuse.fuse_conv_bn
+
+    def spy(module, example, **kw):
+        fused, count = real(module, example, **kw)
+        folded.append((type(module).__name__, count))
+        return fused, count
+
+    monkeypatch.setattr(rollout_fast.fuse, "fuse_conv_bn", spy)
+    results = {}
+    for flag in ([], ["--fuse-conv-bn"]):
+        out = tmp_path / f"out{len(flag)}"
+        rc = _run(["prune-eval", "--model", str(path), "--data", str(tiny_folder), "--batch-size", "3",
+                   "--throughput-batches", "2", "--throughput-time", "0", "--out", str(out), "--no-progress",
+                   "--methods", "random:keep=1.0,0.5", "student:keep=0.5", "--student", str(st_path), *flag])
+        assert rc == 0
+        results[bool(flag)] = json.loads((out / "methods.json").read_text())
+    n_bn = [sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) for net in (model, student)]
+    assert folded == [("VisionTransformer", n_bn[0]), ("RolloutStudent", n_bn[1])] and min(n_bn) >= 3
+    assert results[True]["meta"]["fuse_conv_bn"] is True and results[False]["meta"]["fuse_conv_bn"] is False
+    assert [r["top1"] for r in results[True]["rows"]] == [r["top1"] for r in results[False]["rows"]]
