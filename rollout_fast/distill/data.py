@@ -16,7 +16,7 @@ from ..metrics import shift_images
 __all__ = ["Normalizer", "files_fingerprint", "fingerprint", "identity_params", "load_cache", "load_split_tensor",
            "placement_params", "split_files", "view_params"]
 
-CACHE_VERSION = 2  # bumped when what a cache file holds or how it is keyed changes
+CACHE_VERSION = 3  # bumped when what a cache file holds or how it is keyed changes
 
 
 def fingerprint(*parts) -> str:
@@ -30,13 +30,15 @@ def fingerprint(*parts) -> str:
 
 def files_fingerprint(root: str | os.PathLike, samples) -> str:
     """A SHA-1 key of the files of ``samples`` ((path, class index) pairs under ``root``): each one's path
-    relative to ``root``, class, size and modification time (ns), so a file replaced, edited in place, added,
-    removed or relabelled gives another key."""
+    relative to ``root``, class and the SHA-1 of its bytes, so a file replaced, edited in place, added, removed
+    or relabelled gives another key, while a copy of the same files (a data folder synced again, with new
+    modification times) keeps it and finds its caches. Reads every file once (about 0.3 s per 100 MB)."""
     root = Path(root)
     h = hashlib.sha1()
     for path, label in samples:
-        st = os.stat(path)
-        h.update(f"{Path(path).relative_to(root).as_posix()}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha1").hexdigest()
+        h.update(f"{Path(path).relative_to(root).as_posix()}\0{label}\0{digest}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -75,8 +77,8 @@ def load_split_tensor(root: str | os.PathLike, size: tuple[int, int], cache_dir:
     Images are resized (shorter side, bicubic) to ``floor(min(size) / crop_pct)`` and centre-cropped to
     ``size`` = (H, W): timm's eval transform (``crop_pct`` 1: the whole image, the CIFAR teacher's; 0.875:
     the centre 112 px of a 128 px resize, the Imagenette teacher's). With ``cache_dir`` the tensors are
-    cached there (``images_<key>.pt``) under a key of the content: every file's relative path, class, size
-    and modification time (:func:`files_fingerprint`), the transform and ``size``; a corrupt cache file is
+    cached there (``images_<key>.pt``) under a key of the content: every file's relative path, class and
+    bytes (:func:`files_fingerprint`), the transform and ``size``; a corrupt cache file is
     reported by name (``UserWarning``) and rebuilt.
 
     Raises:

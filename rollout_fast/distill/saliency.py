@@ -18,6 +18,7 @@ KLD, CC, NSS (and SIM) in ``log.csv``; the same at the end in ``metrics.json`` a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import sys
@@ -196,12 +197,16 @@ def predict_split(model: SaliencyNet, images: torch.Tensor, mean, std, device, a
 
 
 def _data_key(root: Path, cfg: SaliencyConfig, names: list[str]) -> str:
-    """Cache key of a decoded split: the .mat and every stimulus (size, modification time), the names, the
-    input size, sigma and the layout."""
+    """Cache key of a decoded split: the .mat and every stimulus (name and SHA-1 of the bytes, so a data
+    folder synced again with new modification times keeps its caches), the names, the input size, sigma and
+    the layout."""
     parts = []
     for p in [root / cfg.fixations, *(root / cfg.stimuli / n for n in names)]:
-        st = os.stat(p) if p.is_file() else None
-        parts.append((p.name, st and st.st_size, st and st.st_mtime_ns))
+        if p.is_file():
+            with open(p, "rb") as f:
+                parts.append((p.name, hashlib.file_digest(f, "sha1").hexdigest()))
+        else:
+            parts.append((p.name, None))
     return fingerprint(CACHE_VERSION, "saliency", str(root.resolve()), parts, names, cfg.input_size, cfg.sigma,
                        cfg.origin, cfg.stimuli, cfg.fixations)
 

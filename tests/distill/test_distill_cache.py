@@ -1,5 +1,5 @@
 """Distillation's caches cannot go stale: the decoded-image cache is keyed by every file's content (path, class,
-size, mtime), the teacher-map cache by the teacher and the images; a corrupt cache file is named and rebuilt."""
+bytes), the teacher-map cache by the teacher and the images; a corrupt cache file is named and rebuilt."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from distill_testing import cfg
 from PIL import Image
 
-from rollout_fast.distill.data import load_split_tensor
+from rollout_fast.distill.data import files_fingerprint, load_split_tensor
 
 
 @pytest.fixture
@@ -29,16 +29,38 @@ def test_an_image_edited_in_place_is_decoded_again(split, tmp_path):
     images, labels, key = load_split_tensor(split, (32, 32), cache, progress=False)
     again, _, same = load_split_tensor(split, (32, 32), cache, progress=False)
     assert same == key and torch.equal(again, images) and len(list(cache.iterdir())) == 1
-    edited = split / "class3" / "1.png"  # new pixels under the same name
+    edited = split / "class3" / "1.png"  # new pixels under the same name, the same modification time
     st = os.stat(edited)
     Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(edited)
-    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # even a 1 ns newer file is another key
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
     new, new_labels, new_key = load_split_tensor(split, (32, 32), cache, progress=False)
     i = 3 * 2 + 1  # sorted ImageFolder order: class3/1.png
     assert new_key != key and (new[i] == 7).all() and torch.equal(new[:i], images[:i])
     assert torch.equal(new_labels, labels)
     (split / "class3" / "1.png").rename(split / "class4" / "9.png")  # relabelled: another key
     assert load_split_tensor(split, (32, 32), cache, progress=False)[2] not in (key, new_key)
+
+
+def test_a_folder_synced_again_keeps_its_key(split, tmp_path):
+    """New modification times on the same bytes (a data folder copied again at every sitting) and the same
+    files in another folder find the cache; a file of the same size with other bytes does not."""
+    cache = tmp_path / "cache"
+    images, _, key = load_split_tensor(split, (32, 32), cache, progress=False)
+    for p in split.rglob("*.png"):
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    copy = tmp_path / "copy"
+    shutil.copytree(split, copy)  # new modification times
+    for root in (split, copy):
+        again, _, same = load_split_tensor(root, (32, 32), cache, progress=False)
+        assert same == key and torch.equal(again, images)
+    assert len(list(cache.iterdir())) == 1
+    f = copy / "class0" / "0.png"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 1  # one bit of the last chunk's CRC: same size, other bytes
+    f.write_bytes(bytes(data))
+    samples = sorted((str(p), 0) for p in copy.rglob("*.png"))
+    assert files_fingerprint(copy, samples) != files_fingerprint(split, [(str(split / Path(p).relative_to(copy)), 0)
+                                                                          for p, _ in samples])
 
 
 @pytest.mark.parametrize("garbage", [b"", b"PK\x03\x04 not a zip at all" * 10, None])
