@@ -66,9 +66,12 @@ def test_imagenette_runs(students):
     assert (args.data, args.max_shift, args.install_as) == ("../shared/data/imagenette", 28, "imagenette-vit-prune")
     runs = {r[0]: r for r in students.IMAGENETTE_RUNS}
     assert list(runs) == ["resnet-cifar-lowres-f4", "resnet-cifar-w16-lowres-f2", "vit-tiny-d2-lowres-f4",
-                          "vit-tiny-d2p8-lowres-f2", "resnet-cifar-lowres-f2", "resnet-cifar-w16-lowres-f4"]
+                          "vit-tiny-d2p8-lowres-f2", "resnet-cifar-lowres-f2", "resnet-cifar-w16-lowres-f4",
+                          "resnet-cifar-w16-lowres-f4-e24"]
     cheap, _ = students.run_config(args, runs["resnet-cifar-w16-lowres-f4"])
     assert (cheap.factor, cheap.epochs, cheap.student_options) == (4, 12, {"channels": [16, 32, 64, 128]})
+    longer, _ = students.run_config(args, runs["resnet-cifar-w16-lowres-f4-e24"])
+    assert (longer.factor, longer.epochs, longer.student_options) == (4, 24, {"channels": [16, 32, 64, 128]})
     cfg, command = students.run_config(args, runs["resnet-cifar-w16-lowres-f2"])
     assert (cfg.teacher, cfg.factor, cfg.test_split, cfg.max_shift, cfg.target, cfg.epochs) == (
         "imagenette-vit", 2, "val", 28, "grad-rollout", 10)
