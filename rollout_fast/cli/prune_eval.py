@@ -88,10 +88,11 @@ def register(subparsers) -> None:
                    help="only time here (as --throughput-only) and take top-1 from the finished top-1 run in DIR "
                         "(same model, data, student and scorer model; every method setting, or scorer and keep "
                         "ratio, timed here): top-1 on a busy machine, timing on a quiet one")
-    p.add_argument("--fuse-conv-bn", action="store_true",
-                   help="fold every BatchNorm into the convolution before it in the model (a convolutional stem) "
+    p.add_argument("--fuse-conv-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold every BatchNorm2d into the convolution before it in the model (a convolutional stem) "
                         "and the student, with channels-last weights (rollout_fast.fuse.fuse_conv_bn; the same "
-                        "outputs up to float rounding, checked): the full and the pruned models both run fused")
+                        "outputs up to float rounding, checked): the full and the pruned models both run fused; "
+                        "a network without BatchNorm2d is left as it is (default: on)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 gives stable timings on a shared machine")
     p.add_argument("--no-progress", action="store_true")
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, data_config = load_teacher(args.model, checkpoint=args.checkpoint, device=device, **opts["timm_kwargs"])
     if args.fuse_conv_bn:
-        model, opts["student"] = _fuse_conv_bn(model, opts["student"], data_config, args.student_thumbnail, device)
+        model, opts["student"], opts["conv_bn_folded"] = _fuse_conv_bn(model, opts["student"], data_config,
+                                                                       args.student_thumbnail, device)
     try:
         scorer_model = _load_scorer_model(args, opts, model, data_config, device)
     except ValueError as e:
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             "student": opts["student_name"], "scorer_model": args.scorer_model}
     common["checkpoint"] = None if args.throughput_only else _progress(args, meta, device)
     meta["fuse_conv_bn"] = bool(args.fuse_conv_bn)  # recorded, not a top-1 key: fusion changes logits by ~1e-6
+    meta["conv_bn_folded"] = opts.get("conv_bn_folded")
     if opts["methods"] is not None:
         return _run_methods(args, opts["methods"], model, data_config, common, meta)
     from ..data import load_eval_data
@@ -340,19 +343,25 @@ def _student(args: argparse.Namespace, option: str = "--scorers"):
 
 
 def _fuse_conv_bn(model, student, data_config: dict, thumbnail: int | None, device):
-    """``--fuse-conv-bn``: the model and the student (when there is one) with their BatchNorms folded
-    (:func:`rollout_fast.fuse.fuse_conv_bn`, checked on two random images of the input size each)."""
+    """``--fuse-conv-bn``: ``(model, student, {"model": n, "student": m})``, each network that has a BatchNorm2d
+    with its BatchNorms folded (:func:`rollout_fast.fuse.fuse_conv_bn`, checked on two random images of its input
+    size; n, m: the BatchNorms folded), the others as they are (0)."""
     import torch
 
     from ..fuse import fuse_conv_bn
 
     h, w = (int(s) for s in data_config["input_size"][-2:])
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, h, w, generator=gen).to(device)
-    model, _ = fuse_conv_bn(model, example)
-    if isinstance(student, torch.nn.Module):
+    folded = {"model": 0, "student": 0}
+
+    def has_bn(net) -> bool:
+        return isinstance(net, torch.nn.Module) and any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+    if has_bn(model):
+        model, folded["model"] = fuse_conv_bn(model, torch.randn(2, 3, h, w, generator=gen).to(device))
+    if has_bn(student):
         side = (h, w) if thumbnail is None else (thumbnail, thumbnail)
         param = next(student.parameters(), None)
         example = torch.randn(2, 3, *side, generator=gen).to(param.device if param is not None else "cpu")
-        student, _ = fuse_conv_bn(student, example)
-    return model, student
+        student, folded["student"] = fuse_conv_bn(student, example)
+    return model, student, folded

@@ -118,6 +118,8 @@ def test_prune_eval_methods_on_a_tiny_vit(tiny_folder, tmp_path, capsys):
     assert res["methods"] == ["tome:r=0,2", "evit:keep=1.0,0.5", "random:keep=1.0,0.5",
                               "cls-attention+tome:keep=1.0,0.5:r=0,1"]
     assert res["meta"]["images"] == 4 and res["meta"]["num_tokens"] == 17 and res["meta"]["model"] == TINY[1]
+    # conv-BN fusion is on by default and leaves a network without BatchNorm2d (plain patch embedding) alone
+    assert res["meta"]["fuse_conv_bn"] is True and res["meta"]["conv_bn_folded"] == {"model": 0, "student": 0}
     with open(out / "methods.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["method", "setting", "batch", "tokens", "top1", "images_per_s", "speedup"]
@@ -217,8 +219,8 @@ def test_prune_eval_scorers_with_a_scorer_model(tiny_folder, tmp_path):
 
 
 def test_prune_eval_fuse_conv_bn_on_a_conv_stem_teacher(tiny_folder, tmp_path, monkeypatch):
-    """--fuse-conv-bn: the same top-1 as without it (the folded model computes the same logits), recorded in meta;
-    a tiny conv-stem ViT saved with its card, the random scorer."""
+    """--fuse-conv-bn (the default): the same top-1 as --no-fuse-conv-bn (the folded model computes the same
+    logits), recorded in meta with the BatchNorms folded; a tiny conv-stem ViT saved with its card, a student."""
     from rollout_fast.checkpoint import save_weights, write_json
     from rollout_fast.models import create_vit
     from rollout_fast.teacher import teacher_data_config
@@ -253,14 +255,16 @@ def test_prune_eval_fuse_conv_bn_on_a_conv_stem_teacher(tiny_folder, tmp_path, m
 
     monkeypatch.setattr(rollout_fast.fuse, "fuse_conv_bn", spy)
     results = {}
-    for flag in ([], ["--fuse-conv-bn"]):
+    for flag in (["--no-fuse-conv-bn"], []):
         out = tmp_path / f"out{len(flag)}"
         rc = _run(["prune-eval", "--model", str(path), "--data", str(tiny_folder), "--batch-size", "3",
                    "--throughput-batches", "2", "--throughput-time", "0", "--out", str(out), "--no-progress",
                    "--methods", "random:keep=1.0,0.5", "student:keep=0.5", "--student", str(st_path), *flag])
         assert rc == 0
-        results[bool(flag)] = json.loads((out / "methods.json").read_text())
+        results[not flag] = json.loads((out / "methods.json").read_text())
     n_bn = [sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) for net in (model, student)]
     assert folded == [("VisionTransformer", n_bn[0]), ("RolloutStudent", n_bn[1])] and min(n_bn) >= 3
     assert results[True]["meta"]["fuse_conv_bn"] is True and results[False]["meta"]["fuse_conv_bn"] is False
+    assert results[True]["meta"]["conv_bn_folded"] == {"model": n_bn[0], "student": n_bn[1]}
+    assert results[False]["meta"]["conv_bn_folded"] is None
     assert [r["top1"] for r in results[True]["rows"]] == [r["top1"] for r in results[False]["rows"]]
