@@ -84,7 +84,8 @@ class AccuracyCheckpoint:
 
 
 # what a timing run and the top-1 run it reads must share (prune-eval's meta)
-TOP1_KEYS = ("model", "checkpoint", "data", "student", "scorer_model")
+TOP1_KEYS = ("model", "checkpoint", "data", "student", "scorer_model", "student_precision")
+TOP1_DEFAULTS = {"student_precision": "fp32"}  # the value of a key a run's meta leaves out
 
 
 def read_top1_run(folder: str | os.PathLike, meta: dict, *, methods: list[tuple[str, str]] | None = None,
@@ -98,8 +99,9 @@ def read_top1_run(folder: str | os.PathLike, meta: dict, *, methods: list[tuple[
     Args:
         folder: the earlier run's ``--out`` (its ``methods.json`` when ``methods`` is given, else
             ``results.json``).
-        meta: this run's model, checkpoint, data, student and scorer model (:data:`TOP1_KEYS`), which the
-            earlier run must share.
+        meta: this run's model, checkpoint, data, student, scorer model and student precision
+            (:data:`TOP1_KEYS`; a key left out means its :data:`TOP1_DEFAULTS` value), which the earlier run must
+            share.
         methods: this run's (method, setting) pairs; or ``scorers`` x ``keeps`` (the scorer study).
 
     Returns:
@@ -107,7 +109,7 @@ def read_top1_run(folder: str | os.PathLike, meta: dict, *, methods: list[tuple[
 
     Raises:
         ValueError: no readable result in ``folder``, a timing-only run, another model / checkpoint / data /
-            student / scorer model, or a method setting (scorer and keep ratio) the earlier run lacks; the
+            student / scorer model / student precision, or a method setting (scorer and keep ratio) the earlier run lacks; the
             message starts with ``--top1-from:``.
     """
     path = Path(folder) / ("methods.json" if methods is not None else "results.json")
@@ -121,9 +123,9 @@ def read_top1_run(folder: str | os.PathLike, meta: dict, *, methods: list[tuple[
     if not saved.get("images"):
         raise ValueError(f"--top1-from: {str(path)!r} holds no top-1 (a timing-only run)")
     for k in TOP1_KEYS:
-        if saved.get(k) != meta.get(k):
-            raise ValueError(f"--top1-from: {str(path)!r} was made with another {k} ({saved.get(k)!r}, now "
-                             f"{meta.get(k)!r})")
+        was, now = saved.get(k, TOP1_DEFAULTS.get(k)), meta.get(k, TOP1_DEFAULTS.get(k))
+        if was != now:
+            raise ValueError(f"--top1-from: {str(path)!r} was made with another {k} ({was!r}, now {now!r})")
     want = list(methods) if methods is not None else [(s, float(k)) for s in scorers or [] for k in keeps or []]
     missing = [w for w in want if w not in have]
     if missing:

@@ -218,9 +218,10 @@ def test_prune_eval_scorers_with_a_scorer_model(tiny_folder, tmp_path):
                                                                            ("model-rollout", 0.5)}
 
 
-def test_prune_eval_fuse_conv_bn_on_a_conv_stem_teacher(tiny_folder, tmp_path, monkeypatch):
-    """--fuse-conv-bn (the default): the same top-1 as --no-fuse-conv-bn (the folded model computes the same
-    logits), recorded in meta with the BatchNorms folded; a tiny conv-stem ViT saved with its card, a student."""
+@pytest.fixture
+def conv_stem_teacher(tmp_path):
+    """(teacher path, student path, teacher module, student module): a tiny conv-stem ViT saved with its card and
+    a tiny ResNet student for it, their BatchNorm running statistics far from the identity."""
     from rollout_fast.checkpoint import save_weights, write_json
     from rollout_fast.models import create_vit
     from rollout_fast.teacher import teacher_data_config
@@ -243,6 +244,13 @@ def test_prune_eval_fuse_conv_bn_on_a_conv_stem_teacher(tiny_folder, tmp_path, m
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_()
     st_path, _ = save_student(tmp_path / "student.safetensors", student.eval(), {"teacher": "tiny"})
+    return path, st_path, model, student
+
+
+def test_prune_eval_fuse_conv_bn_on_a_conv_stem_teacher(conv_stem_teacher, tiny_folder, tmp_path, monkeypatch):
+    """--fuse-conv-bn (the default): the same top-1 as --no-fuse-conv-bn (the folded model computes the same
+    logits), recorded in meta with the BatchNorms folded; a tiny conv-stem ViT saved with its card, a student."""
+    path, st_path, model, student = conv_stem_teacher
     import rollout_fast.fuse
 
     folded = []
@@ -268,3 +276,35 @@ def test_prune_eval_fuse_conv_bn_on_a_conv_stem_teacher(tiny_folder, tmp_path, m
     assert results[True]["meta"]["conv_bn_folded"] == {"model": n_bn[0], "student": n_bn[1]}
     assert results[False]["meta"]["conv_bn_folded"] is None
     assert [r["top1"] for r in results[True]["rows"]] == [r["top1"] for r in results[False]["rows"]]
+
+
+def test_prune_eval_student_precision_bf16(conv_stem_teacher, tiny_folder, tmp_path, capsys):
+    """--student-precision bf16: the student runs under bfloat16 autocast (its scores as a bf16 run gives them, so
+    its top-1 is its own), recorded in meta; --top1-from refuses a top-1 run made at another student precision,
+    and a run that records none counts as fp32."""
+    from rollout_fast.precision import AutocastModule
+    from rollout_fast.students import load_student
+
+    path, st_path, _, _ = conv_stem_teacher
+    base = ["prune-eval", "--model", str(path), "--data", str(tiny_folder), "--batch-size", "3", "--no-progress",
+            "--throughput-batches", "", "--methods", "student:keep=0.5", "--student", str(st_path)]
+    outs = {p: tmp_path / p for p in ("fp32", "bf16")}
+    for precision, out in outs.items():
+        assert _run([*base, "--out", str(out), "--student-precision", precision]) == 0
+    res = {p: json.loads((out / "methods.json").read_text()) for p, out in outs.items()}
+    assert "student_precision" not in res["fp32"]["meta"] and res["bf16"]["meta"]["student_precision"] == "bf16"
+    # the bf16 run's scores: the student's own output under autocast, kept tokens as the pruned model keeps them
+    student = load_student(str(st_path))
+    student = student[0] if isinstance(student, tuple) else student
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = student.eval()(x).float()
+    assert torch.equal(AutocastModule(student)(x), want)
+    timed = [*base[:-6], "--throughput-batches", "2", "--throughput-time", "0", "--methods", "student:keep=0.5",
+             "--student", str(st_path), "--out", str(tmp_path / "timed")]
+    capsys.readouterr()
+    assert _run([*timed, "--top1-from", str(outs["fp32"]), "--student-precision", "bf16"]) == 2
+    src = str(outs["fp32"] / "methods.json")
+    assert capsys.readouterr().err == (f"rollout-fast prune-eval: --top1-from: {src!r} was made with another "
+                                       "student_precision ('fp32', now 'bf16')\n")
+    assert _run([*timed, "--top1-from", str(outs["bf16"]), "--student-precision", "bf16", "--overwrite"]) == 0
