@@ -8,6 +8,7 @@ Every variant trains with the same recipe (rollout_fast.teacher.RECIPES["cifar10
 
     python python/train_ltpa.py --recipe cifar10-ltpa --out runs/ltpa-cifar10
     python python/train_ltpa.py --recipe cifar10-ltpa --out runs/ltpa-cifar10 --only vgg,pc-softmax-after
+    python python/train_ltpa.py --recipe cifar100-ltpa --download --out runs/ltpa-cifar100   # online
     python python/train_ltpa.py --recipe cifar10-ltpa-thumb --out runs/ltpa-cifar10-thumb --only pc-softmax-after \
         --install   # the teacher-free token scorer (prune-eval --scorers ltpa --scorer-model cifar10-ltpa-thumb)
 """
@@ -24,12 +25,15 @@ from pathlib import Path
 
 import torch
 
+from rollout_fast.data import download_cifar100
 from rollout_fast.ltpa import LTPA_VARIANTS
 from rollout_fast.models import create_model
 from rollout_fast.students import count_macs
 from rollout_fast.teacher import load_recipe, train_teacher
 from rollout_fast.zoo import ASSETS
 
+DEFAULT_DATA = {"cifar10": "../shared/data/cifar10", "imagenette": "../shared/data/imagenette",
+                "cifar100": "data/cifar100"}
 VARIANTS = ("vgg", "pc-softmax-after", "pc-sigmoid-after", "dp-softmax-after", "dp-sigmoid-after",
             "pc-softmax-before")
 
@@ -37,9 +41,13 @@ VARIANTS = ("vgg", "pc-softmax-after", "pc-sigmoid-after", "dp-softmax-after", "
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="cifar10-ltpa",
-                   choices=["cifar10-ltpa", "imagenette-ltpa", "cifar10-ltpa-thumb", "imagenette-ltpa-thumb"],
+                   choices=["cifar10-ltpa", "cifar100-ltpa", "imagenette-ltpa", "cifar10-ltpa-thumb",
+                            "imagenette-ltpa-thumb"],
                    help="the -thumb recipes train on the pruning students' thumbnail (16 / 28 px)")
-    p.add_argument("--data", default=None, help="default: ../shared/data/cifar10 or ../shared/data/imagenette")
+    p.add_argument("--data", default=None,
+                   help="default: ../shared/data/cifar10, ../shared/data/imagenette or data/cifar100")
+    p.add_argument("--download", action="store_true",
+                   help="cifar100-ltpa: download CIFAR-100 with torchvision into --data first (internet)")
     p.add_argument("--out", default=None, help="default: runs/RECIPE")
     p.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument("--epochs", type=int, default=None,
@@ -102,8 +110,11 @@ def results_md(rows: list[dict]) -> str:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data = args.data or ("../shared/data/imagenette" if args.recipe.startswith("imagenette")
-                         else "../shared/data/cifar10")
+    data = args.data or DEFAULT_DATA[args.recipe.split("-")[0]]
+    if args.download:
+        if args.recipe != "cifar100-ltpa":
+            raise SystemExit(f"--download: only for --recipe cifar100-ltpa (got {args.recipe})")
+        download_cifar100(data)
     out = Path(args.out or f"runs/{args.recipe}")
     rows = train_variants(args, data, out)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

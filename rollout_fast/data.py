@@ -13,9 +13,13 @@ __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "cifar_train_transform",
+    "download_cifar100",
+    "export_image_folder",
     "image_folder",
     "load_eval_data",
     "load_image",
@@ -25,6 +29,8 @@ __all__ = [
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # the training set's channel statistics
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -150,3 +156,69 @@ def load_eval_data(root, data_config: dict, limit: int | None = None):
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
+
+
+def export_image_folder(dataset, out: str | os.PathLike, classes: list[str] | None = None) -> int:
+    """Write a labelled image dataset as an ImageFolder tree: ``out/<class name>/<index>.png``, lossless.
+
+    Args:
+        dataset: a map-style dataset of (PIL image, integer label) pairs (e.g. a torchvision dataset built
+            without transforms).
+        out: the split folder to create (``data/cifar100/train``); it must not hold images yet.
+        classes: the class names by label (default ``dataset.classes``).
+
+    Returns:
+        The number of images written.
+
+    Raises:
+        FileExistsError: ``out`` already holds files (nothing is replaced).
+        ValueError: no class names, or a label outside them.
+    """
+    classes = list(classes if classes is not None else getattr(dataset, "classes", []) or [])
+    if not classes:
+        raise ValueError("classes: the dataset has no .classes; pass the class names")
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"out: {str(out)!r} already holds files; remove it or choose another folder")
+    for name in classes:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        if not 0 <= int(label) < len(classes):
+            raise ValueError(f"dataset: item {i} has label {label}, outside the {len(classes)} classes")
+        tmp = out / classes[int(label)] / f"{i:05d}.png.tmp"
+        to_rgb8(image).save(tmp, format="PNG")
+        tmp.replace(tmp.with_suffix(""))
+    return len(dataset)
+
+
+def download_cifar100(out: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+    """CIFAR-100 (Krizhevsky 2009; 50,000 train / 10,000 test images of 32 px, 100 classes) downloaded by
+    ``torchvision.datasets.CIFAR100`` (needs internet) and exported as ImageFolder trees ``out/train`` and
+    ``out/test`` (:func:`export_image_folder`), the layout the trainers read. Each split is written to
+    ``out/.SPLIT.partial`` and renamed when complete, so an interrupted export is redone, a finished one kept.
+
+    Args:
+        out: the dataset root to create.
+        cache: where torchvision keeps the downloaded archive (default ``out/.torchvision``).
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        RuntimeError / URLError: the download failed (torchvision's errors).
+    """
+    import shutil
+
+    from torchvision.datasets import CIFAR100
+
+    out = Path(out)
+    cache = Path(cache) if cache is not None else out / ".torchvision"
+    for split, train in (("train", True), ("test", False)):
+        if (out / split).is_dir():
+            continue
+        partial = out / f".{split}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted export of ours
+        export_image_folder(CIFAR100(str(cache), train=train, download=True), partial)
+        partial.replace(out / split)
+    return out

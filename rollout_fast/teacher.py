@@ -33,7 +33,16 @@ import torch
 from torch import nn
 
 from .checkpoint import load_training_state, save_training_state, save_weights, write_json
-from .data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, image_folder
+from .data import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    image_folder,
+)
 from .models import model_logits
 from .training import adamw, autocast_for, lr_lambda, seed_everything, sgd, step_lr_lambda
 
@@ -130,6 +139,13 @@ RECIPES["cifar10-ltpa"] = TeacherConfig(
     name="cifar10-ltpa", epochs=15, batch_size=128, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0,
     label_smoothing=0.0, workers=1, arch=dict(LTPA_ARCH), optimizer="sgd", schedule="step",
     step_epochs=(8, 12), step_gamma=0.1)
+# CIFAR-100 (the paper's other CIFAR benchmark), for users online: rollout_fast.data.download_cifar100 exports
+# torchvision's copy as an ImageFolder tree (python/train_ltpa.py --recipe cifar100-ltpa --download)
+RECIPES["cifar100-ltpa"] = replace(
+    RECIPES["cifar10-ltpa"], name="cifar100-ltpa", arch=dict(LTPA_ARCH, num_classes=100),
+    mean=CIFAR100_MEAN, std=CIFAR100_STD, class_names=None,
+    data_source="CIFAR-100 (Krizhevsky 2009) from torchvision.datasets.CIFAR100, exported as PNG ImageFolder "
+                "by rollout_fast.data.download_cifar100")
 RECIPES["imagenette-ltpa"] = replace(
     RECIPES["cifar10-ltpa"], name="imagenette-ltpa", batch_size=64,
     arch=dict(LTPA_ARCH, img_size=112, width=0.125),
