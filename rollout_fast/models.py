@@ -87,20 +87,40 @@ def create_vit(arch: dict) -> nn.Module:
 
 def create_model(arch: dict) -> nn.Module:
     """Build a classifier from a model card's ``arch`` dict: ``arch["type"] == "attnvgg"`` gives
-    :func:`rollout_fast.ltpa.create_attnvgg` (Learn to Pay Attention), anything else (no ``type``, or
-    ``"vit"``) :func:`create_vit`.
+    :func:`rollout_fast.ltpa.create_attnvgg` (Learn to Pay Attention); ``"timm"`` gives
+    ``timm.create_model(arch["name"], num_classes=arch["num_classes"], **arch.get("kwargs", {}))`` with random
+    weights (any timm classifier, e.g. a ResNet18 trained on Imagenette as an encoder for the saliency models;
+    ``img_size`` is the training and evaluation input side); anything else (no ``type``, or ``"vit"``)
+    :func:`create_vit`.
 
     Raises:
-        ValueError: an unknown ``type`` or bad architecture arguments.
+        ValueError: an unknown ``type``, an unknown timm model name or bad architecture arguments.
     """
     kind = arch.get("type", "vit")
     if kind == "attnvgg":
         from .ltpa import create_attnvgg
 
         return create_attnvgg(arch)
+    if kind == "timm":
+        return _create_timm(arch)
     if kind != "vit":
-        raise ValueError(f"arch['type']: expected 'vit' or 'attnvgg', got {kind!r}")
+        raise ValueError(f"arch['type']: expected 'vit', 'attnvgg' or 'timm', got {kind!r}")
     return create_vit({k: v for k, v in arch.items() if k != "type"})
+
+
+def _create_timm(arch: dict) -> nn.Module:
+    import timm
+
+    unknown = set(arch) - {"type", "name", "num_classes", "img_size", "kwargs"}
+    if unknown:
+        raise ValueError(f"arch: unknown keys {sorted(unknown)} for type 'timm' (known: name, num_classes, "
+                         "img_size, kwargs)")
+    name = arch.get("name")
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ValueError(f"arch['name']: expected a timm model name (timm.list_models()), got {name!r}")
+    if not isinstance(arch.get("num_classes"), int) or arch["num_classes"] < 1:
+        raise ValueError(f"arch['num_classes']: expected a positive integer, got {arch.get('num_classes')!r}")
+    return timm.create_model(name, pretrained=False, num_classes=arch["num_classes"], **arch.get("kwargs", {}))
 
 
 def model_logits(output) -> torch.Tensor:

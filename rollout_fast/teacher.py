@@ -151,6 +151,12 @@ RECIPES["imagenette-ltpa"] = replace(
     arch=dict(LTPA_ARCH, img_size=112, width=0.125),
     augment="rrc", rrc_scale=(0.35, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
     eval_split="val", class_names=None, data_source=RECIPES["imagenette-vit"].data_source)
+# A timm ResNet18 classifier of the Imagenette photographs (issue 15): the project's own ImageNet-subset weights
+# for the saliency students' encoders (python/train_saliency.py --init-from); SGD + cosine, 112 px as the ViT.
+RECIPES["imagenette-resnet18"] = replace(
+    RECIPES["imagenette-vit"], name="imagenette-resnet18", epochs=20, lr=0.05, weight_decay=1e-4,
+    optimizer="sgd", label_smoothing=0.1,
+    arch={"type": "timm", "name": "resnet18", "num_classes": 10, "img_size": 112})
 # Teacher-free token scorers (issue 14): the same recipes on the thumbnail the pruning students see (CIFAR-10:
 # 16 px of the 32 px teacher input, Imagenette: 28 px of 112 px), augmented at the teacher's size then
 # downscaled. Both sizes are AttnVGG sizes (m = 16 and 28 entering block 3; 'after' maps 8/4/2 and 14/7/4, so
@@ -300,7 +306,7 @@ def _build_model(cfg: TeacherConfig, dev: torch.device) -> nn.Module:
     from .models import create_model
 
     model = create_model(cfg.arch).to(dev)
-    if cfg.arch.get("type") == "attnvgg":  # convolutions run about 20% faster channels-last (oneDNN, CPU)
+    if cfg.arch.get("type") in ("attnvgg", "timm"):  # convolutions run about 20% faster channels-last (oneDNN)
         model = model.to(memory_format=torch.channels_last)
     if cfg.init_from is not None:
         from .checkpoint import load_weights
@@ -380,13 +386,18 @@ def _resume(ckpt_path: Path, cfg: TeacherConfig, model, opt, sched, gen) -> tupl
     return state["epoch"], [list(r) for r in state.get("log", [])]
 
 
+def _architecture(arch: dict) -> str:
+    kind = arch.get("type", "vit")
+    return {"attnvgg": "rollout_fast.ltpa.AttnVGG", "timm": f"timm.create_model({arch.get('name')!r})"}.get(
+        kind, "timm.models.VisionTransformer")
+
+
 def _card(cfg: TeacherConfig, data_config: dict, class_names: list, wnids: list | None, test_acc: float,
           test_images: int, dev: torch.device, command: str | None) -> dict:
     """The model card written beside the weights (what :func:`rollout_fast.zoo.load_teacher` reads)."""
     return {
         "name": cfg.name,
-        "architecture": ("rollout_fast.ltpa.AttnVGG" if cfg.arch.get("type") == "attnvgg"
-                         else "timm.models.VisionTransformer"),
+        "architecture": _architecture(cfg.arch),
         "arch": cfg.arch,
         "data_config": data_config,
         "class_names": class_names,

@@ -11,9 +11,9 @@ def register(subparsers) -> None:
     t.add_argument("--data", required=True, help="ImageFolder root with train/ and test/ (or val/)")
     t.add_argument("--out", required=True, help="output folder (checkpoints, log, weights, card)")
     t.add_argument("--recipe", default="cifar10-vit",
-                   help="cifar10-vit (default) | imagenette-vit | cifar10-ltpa | imagenette-ltpa | "
-                        "cifar10-ltpa-thumb | imagenette-ltpa-thumb | a JSON file of TeacherConfig fields; the "
-                        "options below override it")
+                   help="cifar10-vit (default) | imagenette-vit | cifar10-ltpa | cifar100-ltpa | imagenette-ltpa "
+                        "| cifar10-ltpa-thumb | imagenette-ltpa-thumb | imagenette-resnet18 | a JSON file of "
+                        "TeacherConfig fields; the options below override it")
     t.add_argument("--name", default=None, help="model name recorded in the card")
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
