@@ -23,9 +23,10 @@ the pixels): what the KLD loss compares with a fixation density.
 Weights: ``pretrained=True`` loads timm's ImageNet weights into the encoder (needs internet); ``init_from=PATH``
 loads an encoder from a local classifier checkpoint holding a timm ResNet state dict of the same depth
 (safetensors, or a torch file read with ``weights_only=True``; the classifier's ``fc.*`` is dropped).
-``rollout-fast train-teacher`` builds ViTs and AttnVGGs only (:func:`rollout_fast.models.create_model`), so
-the project has no ResNet classifier of its own yet: adding an arch type ``"timm"`` there would let it train
-one on ../shared/data/imagenette for ``init_from``.
+The project's own such checkpoint: ``rollout-fast train-teacher --recipe imagenette-resnet18 --data
+../shared/data/imagenette --out runs/imagenette-resnet18`` (a timm ResNet18 classifier of the Imagenette
+photographs, arch type ``"timm"`` of :func:`rollout_fast.models.create_model`), then
+``init_from=runs/imagenette-resnet18/teacher.safetensors``.
 """
 
 from __future__ import annotations
