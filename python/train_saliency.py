@@ -221,6 +221,9 @@ def install(args, rows: list[dict]) -> None:
     dest = SALIENCY_MODELS["osie-resnet18"]
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_weights(dest.with_suffix(".safetensors"), state, {"card": dest.with_suffix(".json").name})
+    packaged = Path(__file__).resolve().parents[1] / "rollout_fast" / "saliency" / "osie_split.json"
+    if Path(card.get("data", {}).get("split_file") or "").resolve() == packaged:  # no path of this machine
+        card["data"]["split_file"] = "rollout_fast/saliency/osie_split.json (packaged)"
     write_json(dest.with_suffix(".json"), {**card, "name": "osie-resnet18", "run": best["map"], "eval": best,
                                            "weights": "float16 (loaded into float32)", "torch": torch.__version__})
     print(f"installed {best['map']} as {dest}.safetensors / .json")

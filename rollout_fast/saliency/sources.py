@@ -16,7 +16,9 @@ A spec list is comma-separated; each item is one of
   (:func:`rollout_fast.ltpa.ltpa_saliency`: all levels, each normalised to sum 1, averaged on the finest
   level's grid), ``MODEL`` an AttnVGG card path or asset name;
 - ``LABEL:PATH_OR_NAME`` (any other label, e.g. ``student-a:runs/sal/A-s0/model.safetensors``,
-  ``teacher:...``): a saliency model (:func:`~rollout_fast.saliency.models.load_saliency_model`).
+  ``teacher:...``): a saliency model (:func:`~rollout_fast.saliency.models.load_saliency_model`);
+- ``osie-resnet18`` (a shipped saliency model's name, :data:`~rollout_fast.saliency.models.SALIENCY_MODELS`):
+  that model, labelled with its name.
 
 Model inputs: the whole photograph is resized (bicubic, aspect ratio not kept, no crop) to the model's input
 size and normalised with its mean/std; so a 32 x 32 CIFAR ViT sees the photo squeezed to 32 x 32. Every map is
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 from .data import Fixations
 from .metrics import centre_gaussian, fit_centre_gaussian
+from .models import SALIENCY_MODELS
 
 __all__ = ["BASELINES", "MODEL_KINDS", "MapSource", "MapSpec", "build_sources", "parse_map_specs", "resize_pil",
            "upsample_maps"]
@@ -73,8 +76,11 @@ def parse_map_specs(text: str) -> list[MapSpec]:
             if sep:
                 raise ValueError(f"maps: {name!r} takes no model, got {item!r}")
             spec = MapSpec(name, name, None)
+        elif not sep and name in SALIENCY_MODELS:
+            spec = MapSpec(name, "saliency-model", name)
         elif not sep or not arg or not name:
-            kinds = ", ".join([*BASELINES, *(f"{k}:MODEL" for k in MODEL_KINDS), "LABEL:SALIENCY_MODEL"])
+            kinds = ", ".join([*BASELINES, *(f"{k}:MODEL" for k in MODEL_KINDS), "LABEL:SALIENCY_MODEL",
+                               *SALIENCY_MODELS])
             raise ValueError(f"maps: {item!r} is not one of {kinds}")
         else:
             spec = MapSpec(item if name in MODEL_KINDS else name, name if name in MODEL_KINDS else "saliency-model",

@@ -144,13 +144,15 @@ def test_osie_val_images_centre_prior_equals_the_metrics_module(tmp_path, capsys
 
 
 def test_map_specs():
-    specs = parse_map_specs("centre-prior, uniform,rollout:cifar10-vit,student-a:runs/a.safetensors,ltpa:x")
+    specs = parse_map_specs("centre-prior, uniform,rollout:cifar10-vit,student-a:runs/a.safetensors,ltpa:x,"
+                            "osie-resnet18")
     assert specs == [MapSpec("centre-prior", "centre-prior", None), MapSpec("uniform", "uniform", None),
                      MapSpec("rollout:cifar10-vit", "rollout", "cifar10-vit"),
-                     MapSpec("student-a", "saliency-model", "runs/a.safetensors"), MapSpec("ltpa:x", "ltpa", "x")]
+                     MapSpec("student-a", "saliency-model", "runs/a.safetensors"), MapSpec("ltpa:x", "ltpa", "x"),
+                     MapSpec("osie-resnet18", "saliency-model", "osie-resnet18")]
     for text, msg in [("", "maps: empty list"), ("uniform,,centre-prior", "empty item"),
                       ("uniform:x", "'uniform' takes no model"), ("rollout", "'rollout' is not one of"),
-                      ("student-a", "'student-a' is not one of"), ("uniform,uniform", "'uniform' given twice")]:
+                      ("student-a", "'student-a' is not one of .*osie-resnet18"), ("uniform,uniform", "'uniform' given twice")]:
         with pytest.raises(ValueError, match=msg):
             parse_map_specs(text)
 
